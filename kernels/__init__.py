@@ -1,0 +1,29 @@
+"""Kernels for Mamba-family models: one dispatch point per op.
+
+Each public function picks an implementation by device and availability:
+  * CUDA tensors with mamba_ssm / causal_conv1d installed -> their CUDA/Triton kernels;
+  * CPU tensors -> our torch paths (and the compiled C scan for Mamba-1);
+  * anything else (CUDA without the extras, XLA, MPS) -> the torch paths, which run anywhere.
+The torch paths are tested against the sequential float64 recurrences in kernels.reference.
+"""
+
+from kernels.dispatch import (
+    backend_for,
+    causal_conv1d_fn,
+    causal_conv1d_update,
+    mamba_chunk_scan_combined,
+    selective_scan_fn,
+    selective_state_update,
+)
+from kernels.norm import rms_norm, rms_norm_gated
+
+__all__ = [
+    "backend_for",
+    "causal_conv1d_fn",
+    "causal_conv1d_update",
+    "mamba_chunk_scan_combined",
+    "rms_norm",
+    "rms_norm_gated",
+    "selective_scan_fn",
+    "selective_state_update",
+]
