@@ -175,24 +175,25 @@ def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
     u, delta, z: [b,d,l]; A: [d,n]; B, C: [b,n,l] or [b,g,n,l]; D, delta_bias: [d].
     """
     dtype = u.dtype
-    uf, df = u.float(), delta.float()
+    acc = torch.float64 if dtype == torch.float64 else torch.float32  # fp32 accumulation at least
+    uf, df = u.to(acc), delta.to(acc)
     if delta_bias is not None:
-        df = df + delta_bias.float()[:, None]
+        df = df + delta_bias.to(acc)[:, None]
     if delta_softplus:
         df = torch.where(df <= 20.0, F.softplus(df), df)
-    Bg = (B[:, None] if B.dim() == 3 else B).float().transpose(-1, -2).contiguous()  # [b,g,l,n]
-    Cg = (C[:, None] if C.dim() == 3 else C).float().transpose(-1, -2).contiguous()
+    Bg = (B[:, None] if B.dim() == 3 else B).to(acc).transpose(-1, -2).contiguous()  # [b,g,l,n]
+    Cg = (C[:, None] if C.dim() == 3 else C).to(acc).transpose(-1, -2).contiguous()
     if use_c_kernel is None:
-        use_c_kernel = u.device.type == "cpu" and c_kernel_available()
+        use_c_kernel = u.device.type == "cpu" and acc == torch.float32 and c_kernel_available()
     if use_c_kernel:
         seq = None if seq_idx is None else seq_idx.to(torch.int32).contiguous()
-        y, last = _SelectiveScanC.apply(uf.contiguous(), df.contiguous(), A.float().contiguous(),
+        y, last = _SelectiveScanC.apply(uf.contiguous(), df.contiguous(), A.to(acc).contiguous(),
                                         Bg, Cg, seq)
     else:
-        y, last = _scan_torch(uf, df, A.float(), Bg, Cg, seq_idx)
+        y, last = _scan_torch(uf, df, A.to(acc), Bg, Cg, seq_idx)
     if D is not None:
-        y = y + uf * D.float()[:, None]
+        y = y + uf * D.to(acc)[:, None]
     if z is not None:
-        y = y * F.silu(z.float())
+        y = y * F.silu(z.to(acc))
     y = y.to(dtype)
     return (y, last) if return_last_state else y

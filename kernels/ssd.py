@@ -49,8 +49,8 @@ def ssd_scan(x, dt, A, B, C, chunk_size, initial_states=None, seq_idx=None):
     rep = nheads // ngroups
     Q = chunk_size
     pad = (-length) % Q
-    x, dt, B, C = (t.float() for t in (x, dt, B, C))
-    A = A.float()
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32  # fp32 accumulation at least
+    x, dt, B, C, A = (t.to(acc) for t in (x, dt, B, C, A))
     if pad:
         # dt = 0 on padding: decay 1 and no input, so the final state is unchanged.
         x = F.pad(x, (0, 0, 0, 0, 0, pad))
@@ -100,12 +100,12 @@ def ssd_scan(x, dt, A, B, C, chunk_size, initial_states=None, seq_idx=None):
     if initial_states is None:
         carried = states.new_zeros(batch, ngroups, dstate, rep, headdim)
     else:  # [b,h,p,n] -> [b,g,n,r,p]
-        carried = initial_states.float().view(batch, ngroups, rep, headdim, dstate).permute(
+        carried = initial_states.to(acc).view(batch, ngroups, rep, headdim, dstate).permute(
             0, 1, 4, 2, 3)
     if sc is not None:
         # document each carried state belongs to; the initial state belongs to the first one
         end_doc = torch.cat([sc[:, :1, 0], sc[:, :, -1]], dim=1)  # [b,c+1]
-        survives = (end_doc[:, 1:] == end_doc[:, :-1]).float()  # no boundary inside chunk c
+        survives = (end_doc[:, 1:] == end_doc[:, :-1]).to(acc)  # no boundary inside chunk c
     if sc is not None:
         chunk_decay = chunk_decay * survives.view(batch, nchunks, 1, 1, 1, 1)
     entering = []
@@ -132,13 +132,14 @@ def mamba_chunk_scan_combined_torch(x, dt, A, B, C, chunk_size, D=None, z=None, 
                                     dt_limit=(0.0, math.inf), return_final_states=False):
     """Same contract as mamba_ssm.ops.triton.ssd_combined.mamba_chunk_scan_combined."""
     dtype = x.dtype
-    dt = process_dt(dt.float(), None if dt_bias is None else dt_bias.float(), dt_softplus, dt_limit)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    dt = process_dt(dt.to(acc), None if dt_bias is None else dt_bias.to(acc), dt_softplus, dt_limit)
     chunk = preferred_chunk_size(x.device, chunk_size)
     y, final_state = ssd_scan(x, dt, A, B, C, chunk, initial_states, seq_idx)
     if D is not None:
-        Df = D.float()
-        y = y + x.float() * (Df[:, None] if Df.dim() == 1 else Df)
+        Df = D.to(acc)
+        y = y + x.to(acc) * (Df[:, None] if Df.dim() == 1 else Df)
     if z is not None:
-        y = y * F.silu(z.float())
+        y = y * F.silu(z.to(acc))
     y = y.to(dtype)
     return (y, final_state) if return_final_states else y

@@ -22,20 +22,21 @@ def selective_state_update_torch(state, x, dt, A, B, C, D=None, z=None, dt_bias=
         z = None if z is None else z.unsqueeze(1)
         dt_bias = None if dt_bias is None else dt_bias.unsqueeze(0)
     nheads, ngroups = state.shape[1], B.shape[1]
-    dtf = dt.float()
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    dtf = dt.to(acc)
     if dt_bias is not None:
-        dtf = dtf + dt_bias.float()
+        dtf = dtf + dt_bias.to(acc)
     if dt_softplus:
         dtf = torch.where(dtf <= 20.0, F.softplus(dtf), dtf)
-    Bh = B.float().repeat_interleave(nheads // ngroups, dim=1)  # [b,h,n]
-    Ch = C.float().repeat_interleave(nheads // ngroups, dim=1)
-    decay = torch.exp(dtf.unsqueeze(-1) * A.float())  # [b,h,p,n]
-    new_state = decay * state.float() + (dtf * x.float()).unsqueeze(-1) * Bh.unsqueeze(-2)
+    Bh = B.to(acc).repeat_interleave(nheads // ngroups, dim=1)  # [b,h,n]
+    Ch = C.to(acc).repeat_interleave(nheads // ngroups, dim=1)
+    decay = torch.exp(dtf.unsqueeze(-1) * A.to(acc))  # [b,h,p,n]
+    new_state = decay * state.to(acc) + (dtf * x.to(acc)).unsqueeze(-1) * Bh.unsqueeze(-2)
     state.copy_(new_state.to(state.dtype))
     y = (new_state * Ch.unsqueeze(-2)).sum(-1)
     if D is not None:
-        y = y + x.float() * D.float()
+        y = y + x.to(acc) * D.to(acc)
     if z is not None:
-        y = y * F.silu(z.float())
+        y = y * F.silu(z.to(acc))
     y = y.to(x.dtype)
     return y if has_heads else y.squeeze(1)

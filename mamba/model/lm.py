@@ -1,0 +1,226 @@
+"""MambaLMHeadModel: embedding -> blocks (pre-norm, fp32 residual) -> final norm -> LM head.
+
+Module and parameter names are those of state-spaces' MambaLMHeadModel, so its checkpoints load
+unchanged: backbone.embedding, backbone.layers.{i}.{norm,mixer,norm2,mlp}, backbone.norm_f, lm_head.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from mamba.model.attention import Attention
+from mamba.model.config import ATTENTION, MAMBA1, MAMBA2, MLP, MambaConfig
+from mamba.model.mamba1 import Mamba1
+from mamba.model.mamba2 import Mamba2
+from mamba.model.mlp import MLP as MLPLayer
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+                * self.weight.float()).to(x.dtype)
+
+
+def make_norm(config: MambaConfig) -> nn.Module:
+    if config.rms_norm:
+        return RMSNorm(config.d_model, eps=config.norm_epsilon)
+    return nn.LayerNorm(config.d_model, eps=config.norm_epsilon)
+
+
+def make_mixer(kind: str, config: MambaConfig, layer_idx: int) -> nn.Module:
+    if kind == MAMBA2:
+        return Mamba2(config.d_model, layer_idx=layer_idx, **config.ssm_options(MAMBA2))
+    if kind == MAMBA1:
+        return Mamba1(config.d_model, layer_idx=layer_idx, **config.ssm_options(MAMBA1))
+    if kind == ATTENTION:
+        return Attention(config.d_model, layer_idx=layer_idx, **config.attn_options())
+    return MLPLayer(config.d_model, config.d_intermediate, config.mlp_activation,
+                    layer_idx=layer_idx)
+
+
+@dataclass
+class InferenceCache:
+    """Recurrent state for generation: (conv, ssm) per Mamba layer, (k, v) per attention layer.
+
+    Memory per sequence is constant for Mamba layers; attention layers hold max_seqlen keys.
+    `key_mask` [b, max_seqlen] marks real (not left-padding) positions for attention layers.
+    """
+
+    max_batch_size: int
+    max_seqlen: int
+    seqlen_offset: int = 0
+    states: dict = field(default_factory=dict)
+    key_mask: torch.Tensor | None = None
+
+
+class Block(nn.Module):
+    """norm -> mixer (-> norm2 -> mlp when d_intermediate > 0 in state-spaces' hybrid form)."""
+
+    def __init__(self, kind: str, config: MambaConfig, layer_idx: int, with_mlp: bool):
+        super().__init__()
+        self.kind, self.layer_idx = kind, layer_idx
+        self.residual_in_fp32 = config.residual_in_fp32
+        self.norm = make_norm(config)
+        self.mixer = make_mixer(kind, config, layer_idx)
+        if with_mlp:
+            self.norm2 = make_norm(config)
+            self.mlp = MLPLayer(config.d_model, config.d_intermediate, config.mlp_activation,
+                                layer_idx=layer_idx)
+        else:
+            self.norm2 = self.mlp = None
+
+    def _add(self, hidden, residual):
+        residual = hidden if residual is None else hidden + residual
+        return residual.float() if self.residual_in_fp32 else residual
+
+    def forward(self, hidden, residual, seq_idx=None, cache: InferenceCache | None = None):
+        residual = self._add(hidden, residual)
+        hidden = self.norm(residual.to(self.norm.weight.dtype))
+        hidden = self._mix(hidden, seq_idx, cache)
+        if self.mlp is not None:
+            residual = self._add(hidden, residual)
+            hidden = self.mlp(self.norm2(residual.to(self.norm2.weight.dtype)))
+        return hidden, residual
+
+    def _mix(self, hidden, seq_idx, cache):
+        if self.kind == MLP or cache is None:
+            return self.mixer(hidden, seq_idx=seq_idx)
+        state = cache.states[self.layer_idx]
+        offset = cache.seqlen_offset
+        positions = None
+        if cache.key_mask is not None:  # left padding: positions count real tokens only
+            real = cache.key_mask[:, :offset + hidden.shape[1]].long()
+            positions = (real.cumsum(-1) - 1).clamp(min=0)[:, offset:]
+        if offset == 0:
+            if self.kind == ATTENTION:
+                return self._attn_prefill(hidden, seq_idx, state, cache, positions)
+            return self.mixer(hidden, seq_idx=seq_idx, cache=state)
+        outs = []
+        for t in range(hidden.shape[1]):  # continue token by token
+            token = hidden[:, t:t + 1]
+            if self.kind == ATTENTION:
+                pos = None if positions is None else positions[:, t:t + 1]
+                outs.append(self.mixer.step(token, state, offset + t, cache.key_mask, pos))
+            else:
+                outs.append(self.mixer.step(token, state))
+        return torch.cat(outs, dim=1)
+
+    def _attn_prefill(self, hidden, seq_idx, state, cache, positions):
+        if cache.key_mask is None:
+            return self.mixer(hidden, seq_idx=seq_idx, cache=state, positions=positions)
+        # Left-padded prompts: hide padded keys; padded queries attend to themselves only.
+        length = hidden.shape[1]
+        q, k, v = self.mixer._qkv(hidden, positions)
+        state[0][:, :length], state[1][:, :length] = k, v
+        real = cache.key_mask[:, :length]
+        causal = torch.ones(length, length, dtype=torch.bool, device=hidden.device).tril()
+        mask = causal & real[:, None, :]
+        mask = mask | torch.eye(length, dtype=torch.bool, device=hidden.device)
+        return self.mixer._attend(q, k, v, mask=mask[:, None])
+
+
+class MambaLMHeadModel(nn.Module):
+    def __init__(self, config: MambaConfig, device=None, dtype=None):
+        super().__init__()
+        self.config = config
+        kinds = config.layer_kinds()
+        with_mlp = config.layer_pattern is None and config.d_intermediate > 0
+        self.backbone = nn.Module()
+        self.backbone.embedding = nn.Embedding(config.padded_vocab_size, config.d_model)
+        self.backbone.layers = nn.ModuleList(
+            [Block(kind, config, i, with_mlp) for i, kind in enumerate(kinds)])
+        self.backbone.norm_f = make_norm(config)
+        self.lm_head = nn.Linear(config.d_model, config.padded_vocab_size, bias=False)
+        self.apply(self._init_weights)
+        self.tie_weights()
+        if device is not None or dtype is not None:
+            self.to(device=device, dtype=dtype)
+
+    def tie_weights(self) -> None:
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.backbone.embedding.weight
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """state-spaces' _init_weights: zero biases, N(0, 0.02) embeddings, rescaled out_proj/fc2."""
+        config = self.config
+        if isinstance(module, nn.Linear):
+            if module.bias is not None and not getattr(module.bias, "_no_reinit", False):
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=config.initializer_range)
+        n_residuals = 2 if (config.layer_pattern is None and config.d_intermediate > 0) else 1
+        for child_name, child in module.named_children():
+            if child_name in ("out_proj", "fc2") and isinstance(child, nn.Linear):
+                nn.init.kaiming_uniform_(child.weight, a=math.sqrt(5))
+                with torch.no_grad():
+                    child.weight /= math.sqrt(n_residuals * config.n_layer)
+
+    # ---- forward -------------------------------------------------------------------------
+    def forward(self, input_ids, seq_idx=None, inference_params: InferenceCache | None = None,
+                num_last_tokens: int = 0):
+        """input_ids [b,l] -> logits [b,l,padded_vocab]. seq_idx [b,l] separates packed documents."""
+        hidden = self.backbone.embedding(input_ids)
+        residual = None
+        for layer in self.backbone.layers:
+            hidden, residual = layer(hidden, residual, seq_idx=seq_idx, cache=inference_params)
+        residual = hidden + residual if residual is not None else hidden
+        hidden = self.backbone.norm_f(residual.to(self.backbone.norm_f.weight.dtype))
+        if num_last_tokens > 0:
+            hidden = hidden[:, -num_last_tokens:]
+        return self.lm_head(hidden)
+
+    # ---- inference -----------------------------------------------------------------------
+    def allocate_inference_cache(self, batch_size: int, max_seqlen: int, dtype=None,
+                                 device=None) -> InferenceCache:
+        param = self.backbone.embedding.weight
+        dtype, device = dtype or param.dtype, device or param.device
+        cache = InferenceCache(batch_size, max_seqlen)
+        for layer in self.backbone.layers:
+            if layer.kind in (MAMBA1, MAMBA2):
+                cache.states[layer.layer_idx] = layer.mixer.allocate_cache(batch_size, dtype, device)
+            elif layer.kind == ATTENTION:
+                cache.states[layer.layer_idx] = layer.mixer.allocate_cache(
+                    batch_size, max_seqlen, dtype, device)
+        return cache
+
+    def generate(self, input_ids, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
+                 top_p: float = 1.0, eos_token_id: int | None = None, attention_mask=None,
+                 generator: torch.Generator | None = None, streamer=None):
+        from mamba.model.generation import generate
+
+        return generate(self, input_ids, max_new_tokens, temperature=temperature, top_k=top_k,
+                        top_p=top_p, eos_token_id=eos_token_id, attention_mask=attention_mask,
+                        generator=generator, streamer=streamer)
+
+    # ---- checkpoints ---------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path, device=None, dtype=None) -> MambaLMHeadModel:
+        from mamba.model.io import load_pretrained
+
+        return load_pretrained(cls, path, device=device, dtype=dtype)
+
+    def save_pretrained(self, path, safe_serialization: bool = True) -> None:
+        from mamba.model.io import save_pretrained
+
+        save_pretrained(self, path, safe_serialization=safe_serialization)
+
+
+def no_weight_decay_names(model: nn.Module) -> set[str]:
+    """Parameters flagged `_no_weight_decay` (A_log, D, dt_bias), plus norms and biases."""
+    names = set()
+    for name, p in model.named_parameters():
+        if getattr(p, "_no_weight_decay", False) or p.dim() < 2:
+            names.add(name)
+    return names
+
+

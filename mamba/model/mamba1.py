@@ -1,0 +1,90 @@
+"""Mamba-1 mixer (Gu & Dao 2023), parameter names as state-spaces' `Mamba`."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kernels import causal_conv1d_fn, causal_conv1d_update, selective_scan_fn, selective_state_update
+
+
+class Mamba1(nn.Module):
+    def __init__(self, d_model: int, d_state=16, d_conv=4, expand=2, dt_rank="auto", dt_min=0.001,
+                 dt_max=0.1, dt_init="random", dt_scale=1.0, dt_init_floor=1e-4, conv_bias=True,
+                 bias=False, layer_idx: int | None = None):
+        super().__init__()
+        self.d_model, self.d_state, self.d_conv = d_model, d_state, d_conv
+        self.d_inner = expand * d_model
+        self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else dt_rank
+        self.layer_idx = layer_idx
+        self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=bias)
+        self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, d_conv, groups=self.d_inner,
+                                padding=d_conv - 1, bias=conv_bias)
+        self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False)
+        self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True)
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias)
+
+        # dt_proj initialised so softplus(bias) is log-uniform in [dt_min, dt_max] (state-spaces)
+        std = self.dt_rank ** -0.5 * dt_scale
+        if dt_init == "constant":
+            nn.init.constant_(self.dt_proj.weight, std)
+        elif dt_init == "random":
+            nn.init.uniform_(self.dt_proj.weight, -std, std)
+        else:
+            raise ValueError(f"ssm_cfg.dt_init={dt_init!r}: must be 'random' or 'constant'")
+        dt = torch.exp(torch.rand(self.d_inner) * (math.log(dt_max) - math.log(dt_min))
+                       + math.log(dt_min)).clamp(min=dt_init_floor)
+        with torch.no_grad():
+            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        self.dt_proj.bias._no_reinit = True
+
+        A = torch.arange(1, d_state + 1, dtype=torch.float32).repeat(self.d_inner, 1)
+        self.A_log = nn.Parameter(torch.log(A))
+        self.A_log._no_weight_decay = True
+        self.D = nn.Parameter(torch.ones(self.d_inner))
+        self.D._no_weight_decay = True
+
+    def allocate_cache(self, batch: int, dtype, device):
+        conv = torch.zeros(batch, self.d_inner, self.d_conv, dtype=dtype, device=device)
+        ssm = torch.zeros(batch, self.d_inner, self.d_state, dtype=torch.float32, device=device)
+        return conv, ssm
+
+    def forward(self, hidden, seq_idx=None, cache=None):
+        """hidden [b,l,d_model] -> [b,l,d_model]; cache = (conv_state, ssm_state) or None."""
+        length = hidden.shape[1]
+        xz = self.in_proj(hidden).transpose(1, 2)  # [b,2*d_inner,l]
+        x, z = xz.chunk(2, dim=1)
+        if cache is not None:  # keep the last d_conv conv inputs for decoding
+            conv_state, _ = cache
+            keep = min(length, self.d_conv)
+            conv_state.zero_()
+            conv_state[:, :, self.d_conv - keep:] = x[:, :, length - keep:]
+        x = causal_conv1d_fn(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, seq_idx=seq_idx,
+                             activation="silu")
+        x_dbl = self.x_proj(x.transpose(1, 2))  # [b,l,r+2n]
+        dt, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # bias is added inside the scan
+        A = -torch.exp(self.A_log.float())
+        y = selective_scan_fn(x, dt, A, B.transpose(1, 2), C.transpose(1, 2), self.D.float(), z=z,
+                              delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
+                              return_last_state=cache is not None, seq_idx=seq_idx)
+        if cache is not None:
+            y, last_state = y
+            cache[1].copy_(last_state)
+        return self.out_proj(y.transpose(1, 2))
+
+    def step(self, hidden, cache):
+        """One token: hidden [b,1,d_model]; updates cache in place."""
+        conv_state, ssm_state = cache
+        x, z = self.in_proj(hidden.squeeze(1)).chunk(2, dim=-1)
+        x = causal_conv1d_update(x, conv_state, self.conv1d.weight.squeeze(1), self.conv1d.bias,
+                                 activation="silu")
+        dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = F.linear(dt, self.dt_proj.weight)
+        A = -torch.exp(self.A_log.float())
+        y = selective_state_update(ssm_state, x, dt, A, B, C, self.D, z=z,
+                                   dt_bias=self.dt_proj.bias, dt_softplus=True)
+        return self.out_proj(y).unsqueeze(1)

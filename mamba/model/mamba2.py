@@ -1,0 +1,126 @@
+"""Mamba-2 mixer (Dao & Gu 2024), parameter names as state-spaces' `Mamba2`."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from kernels import (causal_conv1d_fn, causal_conv1d_update, mamba_chunk_scan_combined,
+                     rms_norm_gated, selective_state_update)
+
+
+class GatedRMSNorm(nn.Module):
+    """y = rmsnorm(x * silu(z)) * weight, normalised per group of channels."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, group_size: int | None = None,
+                 norm_before_gate: bool = False):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps, self.group_size, self.norm_before_gate = eps, group_size, norm_before_gate
+
+    def forward(self, x, z=None):
+        return rms_norm_gated(x, self.weight, z, self.eps, self.group_size, self.norm_before_gate)
+
+
+class Mamba2(nn.Module):
+    def __init__(self, d_model: int, d_state=128, d_conv=4, expand=2, headdim=64, ngroups=1,
+                 A_init_range=(1, 16), D_has_hdim=False, rmsnorm=True, norm_before_gate=False,
+                 dt_min=0.001, dt_max=0.1, dt_init_floor=1e-4, dt_limit=(0.0, math.inf),
+                 bias=False, conv_bias=True, chunk_size=256, layer_idx: int | None = None):
+        super().__init__()
+        self.d_model, self.d_state, self.d_conv = d_model, d_state, d_conv
+        self.d_inner = expand * d_model
+        self.headdim, self.ngroups = headdim, ngroups
+        self.nheads = self.d_inner // headdim
+        self.dt_limit, self.chunk_size, self.layer_idx = tuple(dt_limit), chunk_size, layer_idx
+        self.D_has_hdim = D_has_hdim
+        self.conv_dim = self.d_inner + 2 * ngroups * d_state
+        # in_proj output order: [z, x, B, C, dt]
+        self.in_proj = nn.Linear(d_model, 2 * self.d_inner + 2 * ngroups * d_state + self.nheads,
+                                 bias=bias)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, d_conv, groups=self.conv_dim,
+                                padding=d_conv - 1, bias=conv_bias)
+
+        dt = torch.exp(torch.rand(self.nheads) * (math.log(dt_max) - math.log(dt_min))
+                       + math.log(dt_min)).clamp(min=dt_init_floor)
+        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+        self.dt_bias._no_weight_decay = True
+        A = torch.empty(self.nheads).uniform_(*A_init_range)
+        self.A_log = nn.Parameter(torch.log(A))
+        self.A_log._no_weight_decay = True
+        self.D = nn.Parameter(torch.ones(self.d_inner if D_has_hdim else self.nheads))
+        self.D._no_weight_decay = True
+        self.norm = (GatedRMSNorm(self.d_inner, eps=1e-5, group_size=self.d_inner // ngroups,
+                                  norm_before_gate=norm_before_gate) if rmsnorm else None)
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias)
+
+    def allocate_cache(self, batch: int, dtype, device):
+        conv = torch.zeros(batch, self.conv_dim, self.d_conv, dtype=dtype, device=device)
+        ssm = torch.zeros(batch, self.nheads, self.headdim, self.d_state, dtype=torch.float32,
+                          device=device)
+        return conv, ssm
+
+    def _split_proj(self, zxbcdt):
+        return zxbcdt.split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
+
+    def _gate_and_project(self, y, z):
+        if self.norm is not None:
+            y = self.norm(y, z)
+        else:
+            y = y * torch.nn.functional.silu(z)
+        return self.out_proj(y)
+
+    def forward(self, hidden, seq_idx=None, cache=None):
+        """hidden [b,l,d_model] -> [b,l,d_model]; cache = (conv_state, ssm_state) or None."""
+        batch, length, _ = hidden.shape
+        z, xBC, dt = self._split_proj(self.in_proj(hidden))
+        xBC = xBC.transpose(1, 2)  # [b,conv_dim,l]
+        if cache is not None:
+            conv_state, _ = cache
+            keep = min(length, self.d_conv)
+            conv_state.zero_()
+            conv_state[:, :, self.d_conv - keep:] = xBC[:, :, length - keep:]
+        xBC = causal_conv1d_fn(xBC, self.conv1d.weight.squeeze(1), self.conv1d.bias,
+                               seq_idx=seq_idx, activation="silu").transpose(1, 2)
+        x, B, C = xBC.split([self.d_inner, self.ngroups * self.d_state,
+                             self.ngroups * self.d_state], dim=-1)
+        A = -torch.exp(self.A_log.float())
+        D = self.D.view(self.nheads, self.headdim) if self.D_has_hdim else self.D
+        y = mamba_chunk_scan_combined(
+            x.reshape(batch, length, self.nheads, self.headdim), dt, A,
+            B.reshape(batch, length, self.ngroups, self.d_state),
+            C.reshape(batch, length, self.ngroups, self.d_state), self.chunk_size, D=D,
+            dt_bias=self.dt_bias, dt_softplus=True, dt_limit=self.dt_limit,
+            seq_idx=None if seq_idx is None else seq_idx.to(torch.int32),
+            return_final_states=cache is not None)
+        if cache is not None:
+            y, final_state = y
+            cache[1].copy_(final_state)
+        return self._gate_and_project(y.reshape(batch, length, self.d_inner), z)
+
+    def step(self, hidden, cache):
+        """One token: hidden [b,1,d_model]; updates cache in place."""
+        conv_state, ssm_state = cache
+        batch = hidden.shape[0]
+        z, xBC, dt = self._split_proj(self.in_proj(hidden.squeeze(1)))
+        xBC = causal_conv1d_update(xBC, conv_state, self.conv1d.weight.squeeze(1),
+                                   self.conv1d.bias, activation="silu")
+        x, B, C = xBC.split([self.d_inner, self.ngroups * self.d_state,
+                             self.ngroups * self.d_state], dim=-1)
+        A = -torch.exp(self.A_log.float())
+        p, n = self.headdim, self.d_state
+        D = self.D.view(self.nheads, p) if self.D_has_hdim else self.D[:, None].expand(-1, p)
+        dt = dt.float()
+        if self.dt_limit != (0.0, math.inf):
+            # clamp after softplus, as the chunked path does
+            dt = torch.nn.functional.softplus(dt + self.dt_bias.float()).clamp(*self.dt_limit)
+            dt_bias, softplus = None, False
+        else:
+            dt_bias, softplus = self.dt_bias[:, None].expand(-1, p), True
+        y = selective_state_update(
+            ssm_state, x.view(batch, self.nheads, p), dt[:, :, None].expand(-1, -1, p),
+            A[:, None, None].expand(-1, p, n), B.view(batch, self.ngroups, n),
+            C.view(batch, self.ngroups, n), D, dt_bias=dt_bias, dt_softplus=softplus)
+        return self._gate_and_project(y.reshape(batch, self.d_inner), z).unsqueeze(1)
