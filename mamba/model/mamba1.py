@@ -61,7 +61,10 @@ class Mamba1(nn.Module):
             conv_state, _ = cache
             keep = min(length, self.d_conv)
             conv_state.zero_()
-            conv_state[:, :, self.d_conv - keep:] = x[:, :, length - keep:]
+            tail = x[:, :, length - keep:]
+            if seq_idx is not None:  # only the last document continues into decoding
+                tail = tail * (seq_idx[:, length - keep:] == seq_idx[:, -1:]).unsqueeze(1)
+            conv_state[:, :, self.d_conv - keep:] = tail
         x = causal_conv1d_fn(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, seq_idx=seq_idx,
                              activation="silu")
         x_dbl = self.x_proj(x.transpose(1, 2))  # [b,l,r+2n]

@@ -81,7 +81,10 @@ class Mamba2(nn.Module):
             conv_state, _ = cache
             keep = min(length, self.d_conv)
             conv_state.zero_()
-            conv_state[:, :, self.d_conv - keep:] = xBC[:, :, length - keep:]
+            tail = xBC[:, :, length - keep:]
+            if seq_idx is not None:  # only the last document continues into decoding
+                tail = tail * (seq_idx[:, length - keep:] == seq_idx[:, -1:]).unsqueeze(1)
+            conv_state[:, :, self.d_conv - keep:] = tail
         xBC = causal_conv1d_fn(xBC, self.conv1d.weight.squeeze(1), self.conv1d.bias,
                                seq_idx=seq_idx, activation="silu").transpose(1, 2)
         x, B, C = xBC.split([self.d_inner, self.ngroups * self.d_state,
