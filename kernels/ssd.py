@@ -42,11 +42,10 @@ def process_dt(dt, dt_bias=None, dt_softplus=False, dt_limit=(0.0, math.inf)):
 def ssd_scan(x, dt, A, B, C, chunk_size, initial_states=None, seq_idx=None):
     """Core SSD: x [b,l,h,p], dt [b,l,h] (already processed), A [h], B/C [b,l,g,n].
 
-    Returns y [b,l,h,p] (no D, no gate) and the final state [b,h,p,n], all float32.
+    Returns y [b,l,h,p] (no D, no gate) and the final state [b,h,p,n], in float32 (float64 for
+    float64 inputs).
     """
     batch, length, nheads, headdim = x.shape
-    ngroups, dstate = B.shape[2], B.shape[3]
-    rep = nheads // ngroups
     Q = chunk_size
     pad = (-length) % Q
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32  # fp32 accumulation at least
@@ -59,72 +58,168 @@ def ssd_scan(x, dt, A, B, C, chunk_size, initial_states=None, seq_idx=None):
         C = F.pad(C, (0, 0, 0, 0, 0, pad))
         if seq_idx is not None:
             seq_idx = torch.cat([seq_idx, seq_idx[:, -1:].expand(batch, pad)], dim=1)
-    nchunks = (length + pad) // Q
+    init = None if initial_states is None else initial_states.to(acc)
+    y, final_state = _ChunkedSSD.apply(x, dt, A, B, C, init, seq_idx, Q)
+    return (y[:, :length] if pad else y), final_state
 
-    # Layouts are chosen so the big matmuls read their operands without copies:
-    # position-major [b,c,Q,h,p] for x and y, [b,c,g,n,r*p] for states.
-    dA_cum = torch.cumsum((dt * A).view(batch, nchunks, Q, nheads), dim=2)  # [b,c,Q,h]
-    x_dt = (x * dt.unsqueeze(-1)).view(batch, nchunks, Q, nheads, headdim)
-    Bc = B.view(batch, nchunks, Q, ngroups, dstate).transpose(2, 3)  # [b,c,g,Q,n]
-    Cc = C.view(batch, nchunks, Q, ngroups, dstate).transpose(2, 3)  # [b,c,g,Q,n]
-    sc = None if seq_idx is None else seq_idx.view(batch, nchunks, Q)
 
-    def grouped(t):  # [b,c,Q,h,p] -> [b,c,g,Q,r*p]
-        return t.view(batch, nchunks, Q, ngroups, rep * headdim).transpose(2, 3)
+class _Masks:
+    """Document masks for one call (all None without seq_idx)."""
 
-    def ungrouped(t):  # [b,c,g,Q,r*p] -> [b,c,Q,h,p]
-        return t.transpose(2, 3).reshape(batch, nchunks, Q, nheads, headdim)
-
-    # 1. inside each chunk: y_l = sum_{s<=l} (C_l.B_s) exp(cum_l - cum_s) dt_s x_s
-    cum_h = dA_cum.transpose(2, 3)  # [b,c,h,Q]
-    seg = cum_h.unsqueeze(-1) - cum_h.unsqueeze(-2)  # [b,c,h,Q,Q]
-    allowed = torch.ones(Q, Q, dtype=torch.bool, device=x.device).tril()
-    if sc is not None:
-        allowed = (allowed & (sc.unsqueeze(-1) == sc.unsqueeze(-2))).unsqueeze(2)
-    decay = torch.exp(seg.masked_fill(~allowed, -math.inf))
-    CB = Cc @ Bc.transpose(-1, -2)  # [b,c,g,Q,Q]: once per group, not per head
-    scores = (decay.view(batch, nchunks, ngroups, rep, Q, Q) * CB.unsqueeze(3)).view(
-        batch, nchunks, nheads, Q, Q)
-    y = (scores @ x_dt.transpose(2, 3).contiguous()).transpose(2, 3)  # [b,c,Q,h,p]
-
-    # 2. state each chunk leaves at its end: sum_s exp(cum_last - cum_s) dt_s x_s B_s^T
-    to_end = dA_cum[:, :, -1:] - dA_cum  # [b,c,Q,h]
-    if sc is not None:
-        to_end = to_end.masked_fill((sc != sc[..., -1:]).unsqueeze(-1), -math.inf)
-    xw = x_dt * torch.exp(to_end).unsqueeze(-1)
-    states = Bc.transpose(-1, -2) @ grouped(xw)  # [b,c,g,n,r*p]
-
-    # 3. carry the state across chunks (a short loop over chunks; reset at document changes)
-    chunk_decay = torch.exp(dA_cum[:, :, -1])  # [b,c,h]
-    chunk_decay = chunk_decay.view(batch, nchunks, ngroups, 1, rep, 1)
-    if initial_states is None:
-        carried = states.new_zeros(batch, ngroups, dstate, rep, headdim)
-    else:  # [b,h,p,n] -> [b,g,n,r,p]
-        carried = initial_states.to(acc).view(batch, ngroups, rep, headdim, dstate).permute(
-            0, 1, 4, 2, 3)
-    if sc is not None:
+    def __init__(self, seq_idx, batch, nchunks, Q, device):
+        causal = torch.ones(Q, Q, dtype=torch.bool, device=device).tril()
+        if seq_idx is None:
+            self.blocked = ~causal  # [Q,Q]: s > l
+            self.not_last_doc = self.not_from_prev = self.survives = None
+            return
+        sc = seq_idx.view(batch, nchunks, Q)
+        self.blocked = (~(causal & (sc.unsqueeze(-1) == sc.unsqueeze(-2)))).unsqueeze(2)
+        self.not_last_doc = (sc != sc[..., -1:]).unsqueeze(-1)  # [b,c,Q,1]
         # document each carried state belongs to; the initial state belongs to the first one
         end_doc = torch.cat([sc[:, :1, 0], sc[:, :, -1]], dim=1)  # [b,c+1]
-        survives = (end_doc[:, 1:] == end_doc[:, :-1]).to(acc)  # no boundary inside chunk c
-    if sc is not None:
-        chunk_decay = chunk_decay * survives.view(batch, nchunks, 1, 1, 1, 1)
-    entering = []
-    # unbind, not indexing: indexing's backward would allocate a full zero tensor per chunk
-    for keep, local in zip(chunk_decay.unbind(1),
-                           states.view(batch, nchunks, ngroups, dstate, rep, headdim).unbind(1)):
-        entering.append(carried)
-        carried = carried * keep + local
-    prev = torch.stack(entering, dim=1).view(batch, nchunks, ngroups, dstate, rep * headdim)
-    final_state = carried.permute(0, 1, 3, 4, 2).reshape(batch, nheads, headdim, dstate)
+        self.not_from_prev = (sc != end_doc[:, :-1].unsqueeze(-1)).unsqueeze(-1)  # [b,c,Q,1]
+        self.survives = end_doc[:, 1:] == end_doc[:, :-1]  # [b,c]: no boundary inside chunk
 
-    # 4. contribution of the state entering the chunk: exp(cum_l) C_l . state
-    into = dA_cum
-    if sc is not None:
-        into = into.masked_fill((sc != end_doc[:, :-1].unsqueeze(-1)).unsqueeze(-1), -math.inf)
-    y = y + ungrouped(Cc @ prev) * torch.exp(into).unsqueeze(-1)
 
-    y = y.reshape(batch, nchunks * Q, nheads, headdim)
-    return (y[:, :length] if pad else y), final_state
+def _masked_exp(t, mask):
+    return torch.exp(t if mask is None else t.masked_fill(mask, -math.inf))
+
+
+class _ChunkedSSD(torch.autograd.Function):
+    """Forward and a hand-written backward. Layouts are chosen so the big matmuls read their
+    operands without copies: position-major [b,c,Q,h,p] for x and y, [b,c,g,n,r*p] for states.
+    Names: cum = cumulative dt*A inside a chunk; Lm = intra-chunk decay; W = decay to the chunk
+    end; E = decay from the chunk start; a = decay over a whole chunk; P = state entering a chunk.
+    """
+
+    @staticmethod
+    def forward(ctx, x, dt, A, B, C, init, seq_idx, Q):
+        batch, length, nheads, headdim = x.shape
+        ngroups, dstate = B.shape[2], B.shape[3]
+        rep, nchunks = nheads // ngroups, length // Q
+        shape = (batch, nchunks, ngroups, dstate, rep, headdim)
+        m = _Masks(seq_idx, batch, nchunks, Q, x.device)
+
+        cum = torch.cumsum((dt * A).view(batch, nchunks, Q, nheads), dim=2)  # [b,c,Q,h]
+        xdt = (x * dt.unsqueeze(-1)).view(batch, nchunks, Q, nheads, headdim)
+        Bc = B.view(batch, nchunks, Q, ngroups, dstate).transpose(2, 3)  # [b,c,g,Q,n]
+        Cc = C.view(batch, nchunks, Q, ngroups, dstate).transpose(2, 3)
+
+        # 1. inside each chunk: y_l = sum_{s<=l} (C_l.B_s) exp(cum_l - cum_s) dt_s x_s
+        cum_h = cum.transpose(2, 3)  # [b,c,h,Q]
+        Lm = _masked_exp(cum_h.unsqueeze(-1) - cum_h.unsqueeze(-2), m.blocked)  # [b,c,h,Q,Q]
+        CB = Cc @ Bc.transpose(-1, -2)  # [b,c,g,Q,Q]: once per group, not per head
+        Sc = (Lm.view(batch, nchunks, ngroups, rep, Q, Q) * CB.unsqueeze(3)).view(
+            batch, nchunks, nheads, Q, Q)
+        xdt_h = xdt.transpose(2, 3).contiguous()  # [b,c,h,Q,p]
+        y = (Sc @ xdt_h).transpose(2, 3)  # [b,c,Q,h,p]
+
+        # 2. state each chunk leaves at its end: sum_s exp(cum_last - cum_s) dt_s x_s B_s^T
+        W = _masked_exp(cum[:, :, -1:] - cum, m.not_last_doc)  # [b,c,Q,h]
+        xw = _grouped(xdt * W.unsqueeze(-1), ngroups)
+        states = Bc.transpose(-1, -2) @ xw  # [b,c,g,n,r*p]
+
+        # 3. carry the state across chunks (a short loop; reset at document changes)
+        a = torch.exp(cum[:, :, -1])  # [b,c,h]
+        if m.survives is not None:
+            a = a * m.survives.unsqueeze(-1)
+        a_v = a.view(batch, nchunks, ngroups, 1, rep, 1)
+        carried = (x.new_zeros(shape[:1] + shape[2:]) if init is None
+                   else init.view(batch, ngroups, rep, headdim, dstate).permute(0, 1, 4, 2, 3))
+        P = x.new_empty(shape)
+        states_v = states.view(shape)
+        for c in range(nchunks):
+            P[:, c] = carried
+            carried = carried * a_v[:, c] + states_v[:, c]
+        final_state = carried.permute(0, 1, 3, 4, 2).reshape(batch, nheads, headdim, dstate)
+
+        # 4. contribution of the state entering the chunk: exp(cum_l) C_l . state
+        E = _masked_exp(cum, m.not_from_prev)  # [b,c,Q,h]
+        Pg = P.view(batch, nchunks, ngroups, dstate, rep * headdim)
+        Z = _ungrouped(Cc @ Pg, nheads)  # [b,c,Q,h,p]
+        y = y + Z * E.unsqueeze(-1)
+
+        ctx.save_for_backward(x, dt, A, B, C, seq_idx, cum, Lm, CB, W, E, a, Pg, Z)
+        ctx.meta = (Q, init is not None)
+        return y.reshape(batch, length, nheads, headdim), final_state
+
+    @staticmethod
+    def backward(ctx, dy, dfinal):
+        x, dt, A, B, C, seq_idx, cum, Lm, CB, W, E, a, Pg, Z = ctx.saved_tensors
+        Q, has_init = ctx.meta
+        batch, length, nheads, headdim = x.shape
+        ngroups, dstate = B.shape[2], B.shape[3]
+        rep, nchunks = nheads // ngroups, length // Q
+        m = _Masks(seq_idx, batch, nchunks, Q, x.device)
+        dy = dy.to(x.dtype).reshape(batch, nchunks, Q, nheads, headdim)
+        xdt = (x * dt.unsqueeze(-1)).view(batch, nchunks, Q, nheads, headdim)
+        Bc = B.view(batch, nchunks, Q, ngroups, dstate).transpose(2, 3)
+        Cc = C.view(batch, nchunks, Q, ngroups, dstate).transpose(2, 3)
+
+        # 4. y += Z * E with Z = C @ P
+        dE = (dy * Z).sum(-1)  # [b,c,Q,h]
+        dZ = _grouped(dy * E.unsqueeze(-1), ngroups)  # [b,c,g,Q,r*p]
+        dCc = dZ @ Pg.transpose(-1, -2)  # [b,c,g,Q,n]
+        dP = (Cc.transpose(-1, -2) @ dZ).view(batch, nchunks, ngroups, dstate, rep, headdim)
+
+        # 3. reverse the chunk recurrence  P_{c+1} = a_c P_c + states_c
+        P = Pg.view(batch, nchunks, ngroups, dstate, rep, headdim)
+        a_v = a.view(batch, nchunks, ngroups, 1, rep, 1)
+        if dfinal is None:
+            G = x.new_zeros(batch, ngroups, dstate, rep, headdim)
+        else:
+            G = dfinal.to(x.dtype).view(batch, ngroups, rep, headdim, dstate).permute(0, 1, 4, 2, 3)
+        dstates = torch.empty_like(P)
+        da = x.new_empty(batch, nchunks, ngroups, rep)
+        for c in range(nchunks - 1, -1, -1):
+            dstates[:, c] = G
+            da[:, c] = (G * P[:, c]).sum(dim=(2, 4))
+            G = dP[:, c] + a_v[:, c] * G
+        dinit = G.permute(0, 1, 3, 4, 2).reshape(batch, nheads, headdim, dstate) if has_init else None
+        da = da.view(batch, nchunks, nheads)
+
+        # 2. states = B^T @ (xdt * W)
+        dstates = dstates.view(batch, nchunks, ngroups, dstate, rep * headdim)
+        xw = _grouped(xdt * W.unsqueeze(-1), ngroups)
+        dBc = xw @ dstates.transpose(-1, -2)  # [b,c,g,Q,n]
+        dxw = _ungrouped(Bc @ dstates, nheads)  # [b,c,Q,h,p]
+        dxdt = dxw * W.unsqueeze(-1)
+        dW = (dxw * xdt).sum(-1)  # [b,c,Q,h]
+
+        # 1. y += (Lm * CB) @ xdt
+        Sc = (Lm.view(batch, nchunks, ngroups, rep, Q, Q) * CB.unsqueeze(3)).view(
+            batch, nchunks, nheads, Q, Q)
+        dY1 = dy.transpose(2, 3).contiguous()  # [b,c,h,Q,p]
+        dSc = dY1 @ xdt.transpose(2, 3).transpose(-1, -2)  # [b,c,h,Q,Q]
+        dxdt = dxdt + (Sc.transpose(-1, -2) @ dY1).transpose(2, 3)
+        dSc_g = dSc.view(batch, nchunks, ngroups, rep, Q, Q)
+        dCB = (dSc_g * Lm.view_as(dSc_g)).sum(3)  # [b,c,g,Q,Q]
+        dCc = dCc + dCB @ Bc
+        dBc = dBc + dCB.transpose(-1, -2) @ Cc
+        dSeg = (dSc_g * CB.unsqueeze(3)).view_as(Lm) * Lm  # through exp of the masked segsum
+
+        # gradients of cum from every exp, then through the cumsum over each chunk
+        dcum = (dSeg.sum(-1) - dSeg.sum(-2)).transpose(2, 3) + dE * E - dW * W
+        dcum[:, :, -1] += (dW * W).sum(2) + da * a
+        ddtA = dcum.flip(2).cumsum(2).flip(2).reshape(batch, length, nheads)
+
+        dxdt = dxdt.reshape(batch, length, nheads, headdim)
+        dx = dxdt * dt.unsqueeze(-1)
+        ddt = (dxdt * x).sum(-1) + ddtA * A
+        dA = (ddtA * dt).sum(dim=(0, 1))
+        dB = dBc.transpose(2, 3).reshape(batch, length, ngroups, dstate)
+        dC = dCc.transpose(2, 3).reshape(batch, length, ngroups, dstate)
+        return dx, ddt, dA, dB, dC, dinit, None, None
+
+
+def _grouped(t, ngroups):  # [b,c,Q,h,p] -> [b,c,g,Q,r*p]
+    b, c, q, h, p = t.shape
+    return t.reshape(b, c, q, ngroups, (h // ngroups) * p).transpose(2, 3)
+
+
+def _ungrouped(t, nheads):  # [b,c,g,Q,r*p] -> [b,c,Q,h,p]
+    b, c, g, q, rp = t.shape
+    return t.transpose(2, 3).reshape(b, c, q, nheads, (g * rp) // nheads)
 
 
 def mamba_chunk_scan_combined_torch(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None,
