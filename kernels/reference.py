@@ -50,7 +50,10 @@ def ssd_ref(x, dt, A, B, C, D=None, z=None, dt_bias=None, initial_states=None, s
 
 def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                        seq_idx=None):
-    """Mamba-1 recurrence. u/delta [b,d,l], A [d,n], B/C [b,n,l] or [b,g,n,l] -> (y [b,d,l], state [b,d,n])."""
+    """Mamba-1 recurrence.
+
+    u/delta [b,d,l], A [d,n], B/C [b,n,l] or [b,g,n,l] -> (y [b,d,l], state [b,d,n]).
+    """
     b, dim, length = u.shape
     if delta_bias is not None:
         delta = delta + delta_bias[:, None]
@@ -78,7 +81,10 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
 
 
 def causal_conv1d_ref(x, weight, bias=None, seq_idx=None, initial_states=None, activation=None):
-    """Depthwise causal conv, one output at a time. x [b,d,l], weight [d,w] -> (y [b,d,l], final [b,d,w-1])."""
+    """Depthwise causal conv, one output at a time.
+
+    x [b,d,l], weight [d,w] -> (y [b,d,l], final [b,d,w-1]).
+    """
     b, dim, length = x.shape
     width = weight.shape[1]
     history = (initial_states.to(x.dtype) if initial_states is not None
