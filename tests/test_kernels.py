@@ -5,8 +5,13 @@ import math
 import pytest
 import torch
 
-from kernels import (causal_conv1d_fn, causal_conv1d_update, mamba_chunk_scan_combined,
-                     selective_scan_fn, selective_state_update)
+from kernels import (
+    causal_conv1d_fn,
+    causal_conv1d_update,
+    mamba_chunk_scan_combined,
+    selective_scan_fn,
+    selective_state_update,
+)
 from kernels.reference import causal_conv1d_ref, selective_scan_ref, ssd_ref
 from kernels.selective_scan import c_kernel_available, c_kernel_error, selective_scan_torch
 from kernels.ssd import ssd_scan

@@ -231,7 +231,8 @@ def test_checkpoint_errors_are_one_clear_line(tmp_path):
     cfg = json.loads((tmp_path / "a" / "config.json").read_text())
     cfg["d_model"] = 32
     (tmp_path / "a" / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match=r"wrong shape: backbone.embedding.weight: expected \(104, 32\), found \(104, 64\)"):
+    wrong = r"wrong shape: backbone.embedding.weight: expected \(104, 32\), found \(104, 64\)"
+    with pytest.raises(ValueError, match=wrong):
         MambaLMHeadModel.from_pretrained(tmp_path / "a")
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "config.json").write_text(json.dumps(tiny("MM").config.to_dict()))

@@ -7,8 +7,13 @@ import math
 import torch
 import torch.nn as nn
 
-from kernels import (causal_conv1d_fn, causal_conv1d_update, mamba_chunk_scan_combined,
-                     rms_norm_gated, selective_state_update)
+from kernels import (
+    causal_conv1d_fn,
+    causal_conv1d_update,
+    mamba_chunk_scan_combined,
+    rms_norm_gated,
+    selective_state_update,
+)
 
 
 class GatedRMSNorm(nn.Module):

@@ -1,0 +1,87 @@
+"""The ComposerModel: MambaLMHeadModel + masked cross entropy, metrics, FLOPs, FSDP hooks.
+
+One of only two files that import Composer (with mamba/train.py). FSDP wrapping, activation
+checkpointing and meta-device init are attached from here; the model itself knows none of it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from composer.metrics.nlp import LanguageCrossEntropy, LanguagePerplexity
+from composer.models import ComposerModel
+from torchmetrics import Metric
+
+from mamba.model import MambaConfig, MambaLMHeadModel
+from mamba.model.flops import training_flops
+from mamba.model.lm import Block
+
+IGNORE_INDEX = -100
+
+
+class TokenAccuracy(Metric):
+    """Fraction of labelled positions (label != -100) whose argmax prediction is right."""
+
+    full_state_update = False
+
+    def __init__(self, dist_sync_on_step: bool = False):
+        super().__init__(dist_sync_on_step=dist_sync_on_step)
+        self.add_state("correct", default=torch.tensor(0), dist_reduce_fx="sum")
+        self.add_state("total", default=torch.tensor(0), dist_reduce_fx="sum")
+
+    def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        mask = labels != IGNORE_INDEX
+        self.correct += ((logits.argmax(-1) == labels) & mask).sum()
+        self.total += mask.sum()
+
+    def compute(self) -> torch.Tensor:
+        return self.correct.float() / self.total.clamp(min=1)
+
+
+def attach_parallelism_hooks(model: MambaLMHeadModel, wrap_blocks: bool,
+                             checkpoint_blocks: bool) -> None:
+    """Composer looks for these on the ComposerModel's direct children."""
+    model.fsdp_wrap_fn = lambda module: wrap_blocks and isinstance(module, Block)
+    model.activation_checkpointing_fn = lambda module: checkpoint_blocks and isinstance(module, Block)
+    model.param_init_fn = lambda module: model._init_weights(module)
+
+
+class ComposerMamba(ComposerModel):
+    def __init__(self, config: MambaConfig, fsdp_layer_wrap: bool = True,
+                 activation_checkpointing: bool = False, model: MambaLMHeadModel | None = None):
+        super().__init__()
+        self.model = model if model is not None else MambaLMHeadModel(config)
+        self.config = config
+        attach_parallelism_hooks(self.model, fsdp_layer_wrap, activation_checkpointing)
+        self.train_metrics = {"LanguageCrossEntropy": LanguageCrossEntropy(ignore_index=IGNORE_INDEX),
+                              "TokenAccuracy": TokenAccuracy()}
+        self.eval_metrics = {"LanguageCrossEntropy": LanguageCrossEntropy(ignore_index=IGNORE_INDEX),
+                             "LanguagePerplexity": LanguagePerplexity(ignore_index=IGNORE_INDEX),
+                             "TokenAccuracy": TokenAccuracy()}
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        logits = self.model(batch["input_ids"], seq_idx=batch.get("seq_idx"))
+        return logits[..., :self.config.vocab_size]
+
+    def loss(self, outputs: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Mean cross entropy over the positions whose label is not -100."""
+        labels = batch["labels"]
+        return F.cross_entropy(outputs.float().reshape(-1, outputs.shape[-1]), labels.reshape(-1),
+                               ignore_index=IGNORE_INDEX)
+
+    def eval_forward(self, batch, outputs=None):
+        return outputs if outputs is not None else self.forward(batch)
+
+    def get_metrics(self, is_train: bool = False) -> dict[str, Metric]:
+        return self.train_metrics if is_train else self.eval_metrics
+
+    def update_metric(self, batch, outputs, metric: Metric) -> None:
+        labels = batch["labels"]
+        if isinstance(metric, TokenAccuracy):
+            metric.update(outputs, labels)
+        else:
+            metric.update(outputs.float(), labels)
+
+    def flops_per_batch(self, batch: dict[str, torch.Tensor]) -> float:
+        b, length = batch["input_ids"].shape
+        return training_flops(self.config, b, length)

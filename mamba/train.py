@@ -1,0 +1,313 @@
+"""Train a Mamba-family LM with Composer.
+
+    composer -n N mamba/train.py yamls/x.yaml [key=value ...]
+    python mamba/train.py yamls/x.yaml [key=value ...]        (one process)
+
+One of only two files that import Composer (with mamba/composer_model.py). A configuration
+mistake exits with code 2 and one line on stderr, before anything is written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script by the composer launcher
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from mamba.strict import ConfigError  # noqa: E402
+from mamba.train_config import TrainConfig, check_data, derived_batching, load_yaml, parse_config  # noqa: E402
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def resolve_device(cfg: TrainConfig) -> str:
+    device = cfg.device
+    if device == "auto":
+        device = "gpu" if torch.cuda.is_available() else "cpu"
+    if device == "gpu" and not torch.cuda.is_available():
+        raise ConfigError("device=gpu but CUDA is not available; use device=cpu")
+    if device == "cpu" and cfg.precision != "fp32":
+        raise ConfigError(f"precision={cfg.precision} on CPU: CPU training must be fp32")
+    if cfg.fsdp is not None and device == "cpu" and os.environ.get("FSDP_VERSION") != "2":
+        raise ConfigError("fsdp on CPU needs Composer's FSDP2: set FSDP_VERSION=2 "
+                          "(its default FSDP needs CUDA)")
+    return device
+
+
+def prepare(argv: list[str]) -> tuple[TrainConfig, dict]:
+    """Everything that can fail because of the user's config, checked before any output."""
+    if not argv or argv[0] in ("-h", "--help"):
+        raise ConfigError("usage: composer -n N mamba/train.py CONFIG.yaml [key=value ...]")
+    cfg = parse_config(load_yaml(argv[0], argv[1:]))
+    per_device, accum = derived_batching(cfg, world_size())
+    meta = check_data(cfg)
+    device = resolve_device(cfg)
+    if cfg.model.init_from and not Path(cfg.model.init_from, "config.json").is_file():
+        raise ConfigError(f"model.init_from={cfg.model.init_from!r}: no config.json there")
+    return cfg, dict(per_device=per_device, accum=accum, meta=meta, device=device)
+
+
+def fsdp_settings(cfg: TrainConfig) -> dict | None:
+    if cfg.fsdp is None:
+        return None
+    f = cfg.fsdp
+    if os.environ.get("FSDP_VERSION") == "2":  # FSDP2 takes a smaller set of options
+        return {"activation_checkpointing": f.activation_checkpointing,
+                "mixed_precision": f.mixed_precision, "state_dict_type": f.state_dict_type,
+                "reshard_after_forward": f.sharding_strategy != "SHARD_GRAD_OP",
+                "verbose": f.verbose}
+    return {"sharding_strategy": f.sharding_strategy, "mixed_precision": f.mixed_precision,
+            "backward_prefetch": f.backward_prefetch,
+            "activation_checkpointing": f.activation_checkpointing,
+            "activation_checkpointing_reentrant": f.activation_checkpointing_reentrant,
+            "limit_all_gathers": f.limit_all_gathers, "cpu_offload": f.cpu_offload,
+            "state_dict_type": f.state_dict_type, "sync_module_states": f.sync_module_states,
+            "use_orig_params": f.use_orig_params, "forward_prefetch": f.forward_prefetch,
+            "verbose": f.verbose}
+
+
+def build_model(cfg: TrainConfig):
+    from mamba.composer_model import ComposerMamba
+    from mamba.model import MambaLMHeadModel
+
+    config = cfg.model.mamba_config()
+    inner = None
+    if cfg.model.init_from:
+        inner = MambaLMHeadModel.from_pretrained(cfg.model.init_from)
+        theirs, ours = inner.config.to_dict(), config.to_dict()
+        diff = [k for k in ours if k not in ("initializer_range",) and ours[k] != theirs.get(k)]
+        if diff:
+            raise ConfigError(f"model.init_from={cfg.model.init_from!r} has a different architecture: "
+                              + ", ".join(f"{k}={theirs.get(k)!r} there vs {ours[k]!r} here"
+                                          for k in diff[:4]))
+    return ComposerMamba(config, cfg.model.fsdp_layer_wrap, cfg.model.activation_checkpointing,
+                         model=inner)
+
+
+def build_optimizer(cfg: TrainConfig, model):
+    from composer.optim import DecoupledAdamW
+
+    from mamba.model import no_weight_decay_names
+
+    skip = no_weight_decay_names(model.model)
+    decay = [p for n, p in model.model.named_parameters() if n not in skip]
+    no_decay = [p for n, p in model.model.named_parameters() if n in skip]
+    o = cfg.optimizer
+    groups = [{"params": decay, "weight_decay": o.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    cls = torch.optim.AdamW if o.name == "adamw" else DecoupledAdamW
+    return cls(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+
+
+def build_scheduler(cfg: TrainConfig):
+    from composer.optim import (
+        ConstantWithWarmupScheduler,
+        CosineAnnealingWithWarmupScheduler,
+        LinearWithWarmupScheduler,
+    )
+
+    s = cfg.scheduler
+    if s.name == "cosine":
+        return CosineAnnealingWithWarmupScheduler(t_warmup=s.warmup, alpha_f=s.alpha_f)
+    if s.name == "linear":
+        return LinearWithWarmupScheduler(t_warmup=s.warmup, alpha_f=s.alpha_f)
+    return ConstantWithWarmupScheduler(t_warmup=s.warmup)
+
+
+def build_dataloaders(cfg: TrainConfig, per_device: int):
+    from composer.core import Evaluator
+
+    from data.dataset import build_dataspec
+
+    d = cfg.data
+    common = dict(num_workers=d.num_workers, prefetch_factor=d.prefetch_factor,
+                  num_canonical_nodes=d.num_canonical_nodes)
+    train = build_dataspec(d.local, d.remote, d.train_split, batch_size=per_device, shuffle=d.shuffle,
+                           seed=d.shuffle_seed if d.shuffle_seed is not None else cfg.seed, **common)
+    evaluator = None
+    if d.eval_split:
+        eval_spec = build_dataspec(d.local, d.remote, d.eval_split, shuffle=False, drop_last=False,
+                                   batch_size=d.eval_batch_size or d.micro_batch_size, **common)
+        evaluator = Evaluator(label="eval", dataloader=eval_spec,
+                              metric_names=["LanguageCrossEntropy", "LanguagePerplexity",
+                                            "TokenAccuracy"])
+    return train, evaluator
+
+
+def build_loggers(cfg: TrainConfig) -> list:
+    from composer.loggers import FileLogger, MLFlowLogger, TensorboardLogger, WandBLogger
+
+    lg, out = cfg.loggers, []
+    if lg.file:
+        out.append(FileLogger(filename=lg.file.filename, overwrite=lg.file.overwrite))
+    if lg.wandb:
+        out.append(WandBLogger(project=lg.wandb.project, entity=lg.wandb.entity, name=lg.wandb.name,
+                               group=lg.wandb.group, tags=lg.wandb.tags or None))
+    if lg.mlflow:
+        out.append(MLFlowLogger(experiment_name=lg.mlflow.experiment_name,
+                                tracking_uri=lg.mlflow.tracking_uri, run_name=lg.mlflow.run_name))
+    if lg.tensorboard:
+        out.append(TensorboardLogger(log_dir=lg.tensorboard.log_dir))
+    return out
+
+
+def build_callbacks(cfg: TrainConfig) -> list:
+    from composer.callbacks import LRMonitor, MemoryMonitor, RuntimeEstimator, SpeedMonitor
+
+    c, out = cfg.callbacks, []
+    if c.speed_monitor:
+        out.append(SpeedMonitor(window_size=c.speed_monitor.window_size))
+    if c.lr_monitor:
+        out.append(LRMonitor())
+    if c.memory_monitor:
+        out.append(MemoryMonitor())
+    if c.runtime_estimator:
+        out.append(RuntimeEstimator())
+    if c.loss_curve and cfg.save_folder:
+        out.append(make_loss_curve(os.path.join(cfg.save_folder, c.loss_curve.filename)))
+    return out
+
+
+def make_loss_curve(path: str):
+    """A callback that records the training loss and writes it as a PNG at the end."""
+    from composer.core import Callback
+    from composer.utils import dist
+
+    class LossCurve(Callback):
+        def __init__(self):
+            self.steps: list[int] = []
+            self.losses: list[float] = []
+
+        def batch_end(self, state, logger) -> None:
+            # total_loss_dict holds the loss averaged over ranks (state.loss is this rank's)
+            value = state.total_loss_dict.get("loss/train/total")
+            if value is not None:
+                self.steps.append(int(state.timestamp.batch))
+                self.losses.append(float(value))
+
+        def state_dict(self) -> dict:  # resumed runs keep the early part of the curve
+            return {"steps": self.steps, "losses": self.losses}
+
+        def load_state_dict(self, state: dict) -> None:
+            self.steps, self.losses = list(state["steps"]), list(state["losses"])
+
+        def fit_end(self, state, logger) -> None:
+            if dist.get_global_rank() != 0 or not self.steps:
+                return
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            fig, ax = plt.subplots(figsize=(6, 3.5))
+            ax.plot(self.steps, self.losses, lw=1)
+            ax.set_xlabel("batch")
+            ax.set_ylabel("training loss")
+            ax.grid(alpha=0.3)
+            fig.tight_layout()
+            fig.savefig(path, dpi=100)
+            plt.close(fig)
+            with open(os.path.splitext(path)[0] + ".json", "w") as f:
+                json.dump({"batch": self.steps, "loss": self.losses}, f)
+            print(f"loss curve: {path}")
+
+    return LossCurve()
+
+
+def full_state_dict(model) -> dict:
+    """The unsharded weights on CPU, whatever FSDP did (collective: every rank calls it)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_model_state_dict(model, options=opts)
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def train(cfg: TrainConfig, derived: dict):
+    from composer import Trainer
+    from composer.algorithms import GradientClipping
+    from composer.utils import dist
+
+    if derived["device"] == "cpu":
+        torch.set_flush_denormal(True)  # denormal floats slow CPU math ~100x; flushing is harmless
+    from composer.utils import reproducibility
+
+    # the same seed on every rank before init: FSDP shards must come from identical weights
+    reproducibility.seed_all(cfg.seed)
+    model = build_model(cfg)
+    train_dl, evaluator = build_dataloaders(cfg, derived["per_device"])
+    trainer = Trainer(
+        run_name=cfg.run_name, model=model, train_dataloader=train_dl,
+        eval_dataloader=evaluator, eval_interval=cfg.eval_interval if evaluator else 1,
+        eval_subset_num_batches=cfg.eval_subset_num_batches,
+        max_duration=cfg.max_duration or f"{cfg.data.n_total_tokens}tok",
+        optimizers=build_optimizer(cfg, model), schedulers=build_scheduler(cfg),
+        precision=cfg.precision, device=derived["device"],
+        device_train_microbatch_size=cfg.data.micro_batch_size,
+        # weight microbatches by labelled tokens: the loss is then the token mean of the global
+        # batch however it is split across ranks and microbatches
+        accumulate_train_batch_on_tokens=True,
+        algorithms=[GradientClipping("norm", cfg.grad_clip_norm)] if cfg.grad_clip_norm > 0 else [],
+        loggers=build_loggers(cfg), callbacks=build_callbacks(cfg),
+        save_folder=cfg.save_folder, save_interval=cfg.save_interval,
+        save_num_checkpoints_to_keep=cfg.save_num_checkpoints_to_keep,
+        save_overwrite=cfg.save_overwrite, autoresume=cfg.autoresume, load_path=cfg.load_path,
+        load_weights_only=cfg.load_weights_only, progress_bar=cfg.progress_bar,
+        log_to_console=cfg.log_to_console, console_log_interval=cfg.console_log_interval,
+        seed=cfg.seed, dist_timeout=cfg.dist_timeout,
+        parallelism_config={"fsdp": fsdp_settings(cfg)} if cfg.fsdp else None,
+    )
+    trainer.fit()
+    weights = full_state_dict(model.model) if (cfg.export_folder or cfg.sample) else None
+    if dist.get_global_rank() == 0 and weights is not None:
+        finish(cfg, derived, weights)
+    dist.barrier()
+    return trainer
+
+
+def finish(cfg: TrainConfig, derived: dict, weights: dict) -> None:
+    """Rank 0: export a save_pretrained folder and print a sample."""
+    from data.tokenizer import load_tokenizer
+    from mamba.model import MambaLMHeadModel
+
+    model = MambaLMHeadModel(cfg.model.mamba_config())
+    model.load_state_dict(weights, strict=False)
+    model.tie_weights()
+    model.eval()
+    if cfg.export_folder:
+        model.save_pretrained(cfg.export_folder)
+        print(f"model saved to {cfg.export_folder} (MambaLMHeadModel.from_pretrained)")
+    if cfg.sample:
+        tok = load_tokenizer(derived["meta"].tokenizer)
+        prompt = torch.tensor([tok.encode(cfg.sample.prompt)], dtype=torch.long)
+        out = model.generate(prompt, cfg.sample.max_new_tokens, temperature=cfg.sample.temperature,
+                             eos_token_id=derived["meta"].eos_token_id)
+        print(f"sample: {cfg.sample.prompt}{tok.decode(out[0, prompt.shape[1]:].tolist())!r}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        cfg, derived = prepare(argv)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
+        train(cfg, derived)
+    except ConfigError as err:  # found while building (e.g. init_from architecture)
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
