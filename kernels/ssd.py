@@ -133,11 +133,12 @@ class _ChunkedSSD(torch.autograd.Function):
         carried = (x.new_zeros(shape[:1] + shape[2:]) if init is None
                    else init.view(batch, ngroups, rep, headdim, dstate).permute(0, 1, 4, 2, 3))
         P = x.new_empty(shape)
+        P[:, 0] = carried
         states_v = states.view(shape)
-        for c in range(nchunks):
-            P[:, c] = carried
-            carried = carried * a_v[:, c] + states_v[:, c]
-        final_state = carried.permute(0, 1, 3, 4, 2).reshape(batch, nheads, headdim, dstate)
+        for c in range(nchunks - 1):  # P[c+1] = a[c] * P[c] + states[c], written in place
+            torch.addcmul(states_v[:, c], P[:, c], a_v[:, c], out=P[:, c + 1])
+        final = torch.addcmul(states_v[:, -1], P[:, -1], a_v[:, -1])
+        final_state = final.permute(0, 1, 3, 4, 2).reshape(batch, nheads, headdim, dstate)
 
         # 4. contribution of the state entering the chunk: exp(cum_l) C_l . state
         E = _masked_exp(cum, m.not_from_prev)  # [b,c,Q,h]
@@ -145,13 +146,13 @@ class _ChunkedSSD(torch.autograd.Function):
         Z = _ungrouped(Cc @ Pg, nheads)  # [b,c,Q,h,p]
         y = y + Z * E.unsqueeze(-1)
 
-        ctx.save_for_backward(x, dt, A, B, C, cum, Lm, CB, W, E, a, Pg, Z)
+        ctx.save_for_backward(x, dt, A, B, C, cum, Lm, CB, Sc, xdt_h, W, E, a, Pg, Z)
         ctx.meta = (Q, init is not None)
         return y.reshape(batch, length, nheads, headdim), final_state
 
     @staticmethod
     def backward(ctx, dy, dfinal):
-        x, dt, A, B, C, cum, Lm, CB, W, E, a, Pg, Z = ctx.saved_tensors
+        x, dt, A, B, C, cum, Lm, CB, Sc, xdt_h, W, E, a, Pg, Z = ctx.saved_tensors
         Q, has_init = ctx.meta
         batch, length, nheads, headdim = x.shape
         ngroups, dstate = B.shape[2], B.shape[3]
@@ -170,18 +171,19 @@ class _ChunkedSSD(torch.autograd.Function):
         # 3. reverse the chunk recurrence  P_{c+1} = a_c P_c + states_c
         P = Pg.view(batch, nchunks, ngroups, dstate, rep, headdim)
         a_v = a.view(batch, nchunks, ngroups, 1, rep, 1)
+        dstates = torch.empty_like(P)  # dL/d(states[c]) = dL/dP[c+1]
         if dfinal is None:
-            G = x.new_zeros(batch, ngroups, dstate, rep, headdim)
+            dstates[:, -1] = 0
         else:
-            G = dfinal.to(x.dtype).view(batch, ngroups, rep, headdim, dstate).permute(0, 1, 4, 2, 3)
-        dstates = torch.empty_like(P)
-        da = x.new_empty(batch, nchunks, ngroups, rep)
-        for c in range(nchunks - 1, -1, -1):
-            dstates[:, c] = G
-            da[:, c] = (G * P[:, c]).sum(dim=(2, 4))
-            G = dP[:, c] + a_v[:, c] * G
-        dinit = G.permute(0, 1, 3, 4, 2).reshape(batch, nheads, headdim, dstate) if has_init else None
-        da = da.view(batch, nchunks, nheads)
+            dstates[:, -1] = dfinal.to(x.dtype).view(batch, ngroups, rep, headdim, dstate).permute(
+                0, 1, 4, 2, 3)
+        for c in range(nchunks - 1, 0, -1):
+            torch.addcmul(dP[:, c], a_v[:, c], dstates[:, c], out=dstates[:, c - 1])
+        dinit = None
+        if has_init:
+            G = torch.addcmul(dP[:, 0], a_v[:, 0], dstates[:, 0])
+            dinit = G.permute(0, 1, 3, 4, 2).reshape(batch, nheads, headdim, dstate)
+        da = (dstates * P).sum(dim=(3, 5)).view(batch, nchunks, nheads)
 
         # 2. states = B^T @ (xdt * W)
         dstates = dstates.view(batch, nchunks, ngroups, dstate, rep * headdim)
@@ -192,10 +194,8 @@ class _ChunkedSSD(torch.autograd.Function):
         dW = (dxw * xdt).sum(-1)  # [b,c,Q,h]
 
         # 1. y += (Lm * CB) @ xdt
-        Sc = (Lm.view(batch, nchunks, ngroups, rep, Q, Q) * CB.unsqueeze(3)).view(
-            batch, nchunks, nheads, Q, Q)
         dY1 = dy.transpose(2, 3).contiguous()  # [b,c,h,Q,p]
-        dSc = dY1 @ xdt.transpose(2, 3).transpose(-1, -2)  # [b,c,h,Q,Q]
+        dSc = dY1 @ xdt_h.transpose(-1, -2)  # [b,c,h,Q,Q]
         dxdt = dxdt + (Sc.transpose(-1, -2) @ dY1).transpose(2, 3)
         dSc_g = dSc.view(batch, nchunks, ngroups, rep, Q, Q)
         dCB = (dSc_g * Lm.view_as(dSc_g)).sum(3)  # [b,c,g,Q,Q]
