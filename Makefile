@@ -18,8 +18,11 @@ $(STAMP): requirements.txt
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
+# The main job: prepare the bundled corpus, train yamls/tiny.yaml on CPU, print a sample.
 demo: setup
-	$(BIN)/python -m mamba.demo
+	test -f runs/data/tiny/train/index.json || $(BIN)/python -m data.prepare \
+		--input data/corpus/tiny_corpus.jsonl --output runs/data/tiny --seq-len 256 --overwrite
+	$(BIN)/composer -n 1 mamba/train.py yamls/tiny.yaml
 
 test: setup
 	$(BIN)/python -m pytest -q $(TESTS)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script by the composer launcher
@@ -184,6 +185,7 @@ def make_loss_curve(path: str):
         def __init__(self):
             self.steps: list[int] = []
             self.losses: list[float] = []
+            self.times: list[float] = []  # wall clock at each batch end (bench/bench_recipe.py)
 
         def batch_end(self, state, logger) -> None:
             # total_loss_dict holds the loss averaged over ranks (state.loss is this rank's)
@@ -191,12 +193,14 @@ def make_loss_curve(path: str):
             if value is not None:
                 self.steps.append(int(state.timestamp.batch))
                 self.losses.append(float(value))
+                self.times.append(time.time())
 
         def state_dict(self) -> dict:  # resumed runs keep the early part of the curve
-            return {"steps": self.steps, "losses": self.losses}
+            return {"steps": self.steps, "losses": self.losses, "times": self.times}
 
         def load_state_dict(self, state: dict) -> None:
             self.steps, self.losses = list(state["steps"]), list(state["losses"])
+            self.times = list(state.get("times", []))
 
         def fit_end(self, state, logger) -> None:
             if dist.get_global_rank() != 0 or not self.steps:
@@ -216,7 +220,7 @@ def make_loss_curve(path: str):
             fig.savefig(path, dpi=100)
             plt.close(fig)
             with open(os.path.splitext(path)[0] + ".json", "w") as f:
-                json.dump({"batch": self.steps, "loss": self.losses}, f)
+                json.dump({"batch": self.steps, "loss": self.losses, "time": self.times}, f)
             print(f"loss curve: {path}")
 
     return LossCurve()
@@ -239,6 +243,9 @@ def train(cfg: TrainConfig, derived: dict):
 
     if derived["device"] == "cpu":
         torch.set_flush_denormal(True)  # denormal floats slow CPU math ~100x; flushing is harmless
+        if "OMP_NUM_THREADS" not in os.environ:  # ranks on one node share its cores
+            ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // ranks_here))
     from composer.utils import reproducibility
 
     # the same seed on every rank before init: FSDP shards must come from identical weights
@@ -279,6 +286,8 @@ def finish(cfg: TrainConfig, derived: dict, weights: dict) -> None:
     from data.tokenizer import load_tokenizer
     from mamba.model import MambaLMHeadModel
 
+    if cfg.save_folder:
+        print(f"checkpoints: {cfg.save_folder} (resume: run the same command again)")
     model = MambaLMHeadModel(cfg.model.mamba_config())
     model.load_state_dict(weights, strict=False)
     model.tie_weights()
@@ -294,8 +303,16 @@ def finish(cfg: TrainConfig, derived: dict, weights: dict) -> None:
         print(f"sample: {cfg.sample.prompt}{tok.decode(out[0, prompt.shape[1]:].tolist())!r}")
 
 
+def per_rank_triton_cache() -> None:
+    """slurm.sh sets TRITON_CACHE_ROOT; ranks must not share one Triton cache directory."""
+    root = os.environ.get("TRITON_CACHE_ROOT")
+    if root and "TRITON_CACHE_DIR" not in os.environ:
+        os.environ["TRITON_CACHE_DIR"] = os.path.join(root, f"rank{os.environ.get('LOCAL_RANK', '0')}")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    per_rank_triton_cache()
     try:
         cfg, derived = prepare(argv)
     except ConfigError as err:

@@ -5,12 +5,13 @@ from __future__ import annotations
 from mamba.model.config import ATTENTION, MAMBA1, MAMBA2, MLP, MambaConfig
 
 
-def forward_flops_per_token(config: MambaConfig, seq_len: int) -> float:
+def forward_flops_per_token(config: MambaConfig, seq_len: int, chunk_size: int | None = None) -> float:
     """Forward FLOPs for one token of a row of seq_len tokens (a multiply-add counts 2).
 
     Mamba-2's SSD is counted as the chunked algorithm runs it: per token 2*h*p*n for the
     chunk states, 2*h*p*n for the state read-out, and 2*Q*(h*p + g*n) for the intra-chunk
-    quadratic part with Q = chunk_size. Mamba-1's scan: ~9*d_inner*d_state (decay exp,
+    quadratic part with Q = chunk_size (the config's, unless `chunk_size` says which the kernel
+    actually runs, e.g. 64 on CPU). Mamba-1's scan: ~9*d_inner*d_state (decay exp,
     state update and read-out). Attention: 2*seq_len*h*d for causal QK^T and AV together.
     """
     d = config.d_model
@@ -19,7 +20,8 @@ def forward_flops_per_token(config: MambaConfig, seq_len: int) -> float:
     for kind in config.layer_kinds():
         if kind == MAMBA2:
             o = config.ssm_options(MAMBA2)
-            di, n, g, p, q = o["expand"] * d, o["d_state"], o["ngroups"], o["headdim"], o["chunk_size"]
+            di, n, g, p = o["expand"] * d, o["d_state"], o["ngroups"], o["headdim"]
+            q = chunk_size or o["chunk_size"]
             conv_dim = di + 2 * g * n
             total += 2 * d * (2 * di + 2 * g * n + di // p) + 2 * di * d  # in_proj, out_proj
             total += 2 * conv_dim * o["d_conv"]
@@ -49,6 +51,6 @@ def _mlp_flops(config: MambaConfig) -> float:
     return 4 * d * hidden
 
 
-def training_flops(config: MambaConfig, batch: int, seq_len: int) -> float:
+def training_flops(config: MambaConfig, batch: int, seq_len: int, chunk_size: int | None = None) -> float:
     """Forward + backward (2x forward) FLOPs for a [batch, seq_len] batch."""
-    return 3.0 * batch * seq_len * forward_flops_per_token(config, seq_len)
+    return 3.0 * batch * seq_len * forward_flops_per_token(config, seq_len, chunk_size)
