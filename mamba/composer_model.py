@@ -43,7 +43,7 @@ def attach_parallelism_hooks(model: MambaLMHeadModel, wrap_blocks: bool,
     """Composer looks for these on the ComposerModel's direct children."""
     model.fsdp_wrap_fn = lambda module: wrap_blocks and isinstance(module, Block)
     model.activation_checkpointing_fn = lambda module: checkpoint_blocks and isinstance(module, Block)
-    model.param_init_fn = lambda module: model._init_weights(module)
+    model.param_init_fn = model.init_module
 
 
 class ComposerMamba(ComposerModel):

@@ -243,3 +243,35 @@ def test_checkpoint_errors_are_one_clear_line(tmp_path):
     (tmp_path / "b" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match=r"unknown MambaConfig field\(s\) \['d_modle'\]"):
         MambaLMHeadModel.from_pretrained(tmp_path / "b")
+
+
+@pytest.mark.parametrize("order", ["children_first", "parents_first"])
+def test_meta_device_init_initialises_every_parameter(order):
+    """FSDP materialises meta modules one by one and calls param_init_fn on each (Composer's
+    FSDP2 children first, FSDP1 parents first): every parameter must come out initialised."""
+    cfg = MambaConfig(d_model=64, n_layer=5, vocab_size=101, layer_pattern="Mm*-M", d_intermediate=96,
+                      ssm_cfg=dict(SMALL_SSM), attn_cfg={"num_heads": 4})
+    with torch.device("meta"):
+        model = MambaLMHeadModel(cfg)
+    model.to_empty(device="cpu")
+    model.tie_weights()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(float("nan"))
+    modules = list(model.modules())
+    for module in (reversed(modules) if order == "children_first" else modules):
+        model.init_module(module)
+    for name, p in model.named_parameters():
+        assert torch.isfinite(p).all(), name
+    m1 = model.backbone.layers[1].mixer
+    assert torch.allclose(torch.exp(m1.A_log[3]), torch.arange(1, 17, dtype=torch.float32))
+    dt = torch.nn.functional.softplus(m1.dt_proj.bias)
+    assert dt.min() >= 1e-3 * 0.999 and dt.max() <= 0.1 * 1.001
+    m2 = model.backbone.layers[0].mixer
+    assert torch.equal(m2.norm.weight, torch.ones_like(m2.norm.weight))
+    assert torch.equal(model.backbone.norm_f.weight, torch.ones_like(model.backbone.norm_f.weight))
+    bound = 1 / math.sqrt(m2.out_proj.in_features) / math.sqrt(5)
+    assert m2.out_proj.weight.abs().max() <= bound
+    assert model.lm_head.weight is model.backbone.embedding.weight
+    assert abs(model.backbone.embedding.weight.std().item() - 0.02) < 3e-3
+    assert torch.isfinite(model(torch.randint(0, 101, (1, 8)))).all()

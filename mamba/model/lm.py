@@ -14,6 +14,7 @@ import torch.nn as nn
 
 from mamba.model.attention import Attention
 from mamba.model.config import ATTENTION, MAMBA1, MAMBA2, MLP, MambaConfig
+from mamba.model.init import init_module
 from mamba.model.mamba1 import Mamba1
 from mamba.model.mamba2 import Mamba2
 from mamba.model.mlp import MLP as MLPLayer
@@ -24,6 +25,9 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
 
     def forward(self, x):
         xf = x.float()
@@ -141,8 +145,14 @@ class MambaLMHeadModel(nn.Module):
             [Block(kind, config, i, with_mlp) for i, kind in enumerate(kinds)])
         self.backbone.norm_f = make_norm(config)
         self.lm_head = nn.Linear(config.d_model, config.padded_vocab_size, bias=False)
-        self.apply(self._init_weights)
+        self.lm_head._tied = config.tie_embeddings
+        n_residuals = 2 if (config.layer_pattern is None and config.d_intermediate > 0) else 1
+        for name, module in self.named_modules():
+            if name.endswith((".out_proj", ".fc2")):
+                module._residual_scale = math.sqrt(n_residuals * config.n_layer)
         self.tie_weights()
+        for module in self.modules():
+            init_module(module, config.initializer_range)
         if device is not None or dtype is not None:
             self.to(device=device, dtype=dtype)
 
@@ -150,20 +160,9 @@ class MambaLMHeadModel(nn.Module):
         if self.config.tie_embeddings:
             self.lm_head.weight = self.backbone.embedding.weight
 
-    def _init_weights(self, module: nn.Module) -> None:
-        """state-spaces' _init_weights: zero biases, N(0, 0.02) embeddings, rescaled out_proj/fc2."""
-        config = self.config
-        if isinstance(module, nn.Linear):
-            if module.bias is not None and not getattr(module.bias, "_no_reinit", False):
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, std=config.initializer_range)
-        n_residuals = 2 if (config.layer_pattern is None and config.d_intermediate > 0) else 1
-        for child_name, child in module.named_children():
-            if child_name in ("out_proj", "fc2") and isinstance(child, nn.Linear):
-                nn.init.kaiming_uniform_(child.weight, a=math.sqrt(5))
-                with torch.no_grad():
-                    child.weight /= math.sqrt(n_residuals * config.n_layer)
+    def init_module(self, module: nn.Module) -> None:
+        """Initialise `module`'s own parameters (FSDP's param_init_fn for meta-device init)."""
+        init_module(module, self.config.initializer_range)
 
     # ---- forward -------------------------------------------------------------------------
     def forward(self, input_ids, seq_idx=None, inference_params: InferenceCache | None = None,

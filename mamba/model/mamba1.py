@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kernels import causal_conv1d_fn, causal_conv1d_update, selective_scan_fn, selective_state_update
+from mamba.model.init import init_module
 
 
 class Mamba1(nn.Module):
@@ -27,25 +28,25 @@ class Mamba1(nn.Module):
         self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True)
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias)
 
-        # dt_proj initialised so softplus(bias) is log-uniform in [dt_min, dt_max] (state-spaces)
-        std = self.dt_rank ** -0.5 * dt_scale
-        if dt_init == "constant":
-            nn.init.constant_(self.dt_proj.weight, std)
-        elif dt_init == "random":
-            nn.init.uniform_(self.dt_proj.weight, -std, std)
-        else:
+        if dt_init not in ("random", "constant"):
             raise ValueError(f"ssm_cfg.dt_init={dt_init!r}: must be 'random' or 'constant'")
-        dt = torch.exp(torch.rand(self.d_inner) * (math.log(dt_max) - math.log(dt_min))
-                       + math.log(dt_min)).clamp(min=dt_init_floor)
-        with torch.no_grad():
-            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        # read by mamba.model.init: softplus(bias) log-uniform in [dt_min, dt_max]
+        self.dt_proj._dt_init = (self.dt_rank ** -0.5 * dt_scale, dt_init, dt_min, dt_max,
+                                 dt_init_floor)
         self.dt_proj.bias._no_reinit = True
-
-        A = torch.arange(1, d_state + 1, dtype=torch.float32).repeat(self.d_inner, 1)
-        self.A_log = nn.Parameter(torch.log(A))
+        self.A_log = nn.Parameter(torch.empty(self.d_inner, d_state))
         self.A_log._no_weight_decay = True
-        self.D = nn.Parameter(torch.ones(self.d_inner))
+        self.D = nn.Parameter(torch.empty(self.d_inner))
         self.D._no_weight_decay = True
+        self.reset_parameters()
+        init_module(self.dt_proj)
+
+    def reset_parameters(self) -> None:
+        """This module's own parameters (children are initialised by mamba.model.init)."""
+        with torch.no_grad():
+            A = torch.arange(1, self.d_state + 1, dtype=torch.float32, device=self.A_log.device)
+            self.A_log.copy_(torch.log(A).repeat(self.d_inner, 1))
+            self.D.fill_(1.0)
 
     def allocate_cache(self, batch: int, dtype, device):
         conv = torch.zeros(batch, self.d_inner, self.d_conv, dtype=dtype, device=device)

@@ -14,6 +14,7 @@ from kernels import (
     rms_norm_gated,
     selective_state_update,
 )
+from mamba.model.init import inverse_softplus_dt
 
 
 class GatedRMSNorm(nn.Module):
@@ -24,6 +25,9 @@ class GatedRMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps, self.group_size, self.norm_before_gate = eps, group_size, norm_before_gate
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
 
     def forward(self, x, z=None):
         return rms_norm_gated(x, self.weight, z, self.eps, self.group_size, self.norm_before_gate)
@@ -48,18 +52,25 @@ class Mamba2(nn.Module):
         self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, d_conv, groups=self.conv_dim,
                                 padding=d_conv - 1, bias=conv_bias)
 
-        dt = torch.exp(torch.rand(self.nheads) * (math.log(dt_max) - math.log(dt_min))
-                       + math.log(dt_min)).clamp(min=dt_init_floor)
-        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+        self.dt_range = (dt_min, dt_max, dt_init_floor)
+        self.A_init_range = tuple(A_init_range)
+        self.dt_bias = nn.Parameter(torch.empty(self.nheads))
         self.dt_bias._no_weight_decay = True
-        A = torch.empty(self.nheads).uniform_(*A_init_range)
-        self.A_log = nn.Parameter(torch.log(A))
+        self.A_log = nn.Parameter(torch.empty(self.nheads))
         self.A_log._no_weight_decay = True
-        self.D = nn.Parameter(torch.ones(self.d_inner if D_has_hdim else self.nheads))
+        self.D = nn.Parameter(torch.empty(self.d_inner if D_has_hdim else self.nheads))
         self.D._no_weight_decay = True
         self.norm = (GatedRMSNorm(self.d_inner, eps=1e-5, group_size=self.d_inner // ngroups,
                                   norm_before_gate=norm_before_gate) if rmsnorm else None)
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """This module's own parameters (children are initialised by mamba.model.init)."""
+        with torch.no_grad():
+            self.dt_bias.copy_(inverse_softplus_dt(self.nheads, *self.dt_range, like=self.dt_bias))
+            self.A_log.copy_(torch.log(torch.empty_like(self.A_log).uniform_(*self.A_init_range)))
+            self.D.fill_(1.0)
 
     def allocate_cache(self, batch: int, dtype, device):
         conv = torch.zeros(batch, self.conv_dim, self.d_conv, dtype=dtype, device=device)
