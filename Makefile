@@ -33,6 +33,7 @@ lint: setup
 bench: setup
 	$(BIN)/python bench/bench_kernels.py
 	$(BIN)/python bench/bench_train_step.py
+	$(BIN)/python bench/bench_recipe.py
 
 clean:
 	rm -rf $(VENV) kernels/_build runs .pytest_cache
