@@ -58,7 +58,8 @@ def write_config(tmp_path, shards, **over):
 
 
 def run(cmd, tmp_path, env=None, check=True):
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    # gloo over loopback: the machine's hostname may resolve to an interface ranks cannot reach
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "GLOO_SOCKET_IFNAME": "lo", **(env or {})}
     result = subprocess.run(cmd, capture_output=True, text=True, env=full_env, cwd=tmp_path,
                             timeout=600)
     if check and result.returncode != 0:
@@ -101,8 +102,8 @@ def test_two_ranks_match_one_process(shards, tmp_path, mode):
     if mode == "fsdp2":
         env["FSDP_VERSION"] = "2"
         over["fsdp"] = {"sharding_strategy": "FULL_SHARD"}
-    run([COMPOSER, "-n", "2", str(ROOT / "mamba" / "train.py"), str(write_config(two, shards, **over))],
-        two, env=env)
+    run([COMPOSER, "-n", "2", "--master_addr", "127.0.0.1", str(ROOT / "mamba" / "train.py"),
+         str(write_config(two, shards, **over))], two, env=env)
     a, b = losses(one), losses(two)
     assert len(a) == len(b) == 6
     assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < 2e-3 * max(a), (a, b)
