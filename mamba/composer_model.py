@@ -46,6 +46,19 @@ def attach_parallelism_hooks(model: MambaLMHeadModel, wrap_blocks: bool,
     model.param_init_fn = model.init_module
 
 
+def apply_block_checkpointing(model: MambaLMHeadModel) -> None:
+    """Recompute each block in backward (without FSDP; with FSDP, Composer applies it)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        CheckpointImpl,
+        apply_activation_checkpointing,
+        checkpoint_wrapper,
+    )
+
+    apply_activation_checkpointing(
+        model, check_fn=lambda module: isinstance(module, Block),
+        checkpoint_wrapper_fn=lambda m: checkpoint_wrapper(m, checkpoint_impl=CheckpointImpl.NO_REENTRANT))
+
+
 class ComposerMamba(ComposerModel):
     def __init__(self, config: MambaConfig, fsdp_layer_wrap: bool = True,
                  activation_checkpointing: bool = False, model: MambaLMHeadModel | None = None):

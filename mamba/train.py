@@ -59,14 +59,15 @@ def fsdp_settings(cfg: TrainConfig) -> dict | None:
     if cfg.fsdp is None:
         return None
     f = cfg.fsdp
+    checkpointing = f.activation_checkpointing or cfg.model.activation_checkpointing
     if os.environ.get("FSDP_VERSION") == "2":  # FSDP2 takes a smaller set of options
-        return {"activation_checkpointing": f.activation_checkpointing,
+        return {"activation_checkpointing": checkpointing,
                 "mixed_precision": f.mixed_precision, "state_dict_type": f.state_dict_type,
                 "reshard_after_forward": f.sharding_strategy != "SHARD_GRAD_OP",
                 "verbose": f.verbose}
     return {"sharding_strategy": f.sharding_strategy, "mixed_precision": f.mixed_precision,
             "backward_prefetch": f.backward_prefetch,
-            "activation_checkpointing": f.activation_checkpointing,
+            "activation_checkpointing": checkpointing,
             "activation_checkpointing_reentrant": f.activation_checkpointing_reentrant,
             "limit_all_gathers": f.limit_all_gathers, "cpu_offload": f.cpu_offload,
             "state_dict_type": f.state_dict_type, "sync_module_states": f.sync_module_states,
@@ -88,8 +89,13 @@ def build_model(cfg: TrainConfig):
             raise ConfigError(f"model.init_from={cfg.model.init_from!r} has a different architecture: "
                               + ", ".join(f"{k}={theirs.get(k)!r} there vs {ours[k]!r} here"
                                           for k in diff[:4]))
-    return ComposerMamba(config, cfg.model.fsdp_layer_wrap, cfg.model.activation_checkpointing,
-                         model=inner)
+    checkpointing = cfg.model.activation_checkpointing or bool(cfg.fsdp and cfg.fsdp.activation_checkpointing)
+    model = ComposerMamba(config, cfg.model.fsdp_layer_wrap, checkpointing, model=inner)
+    if checkpointing and cfg.fsdp is None:
+        from mamba.composer_model import apply_block_checkpointing
+
+        apply_block_checkpointing(model.model)
+    return model
 
 
 def build_optimizer(cfg: TrainConfig, model):
