@@ -163,14 +163,3 @@ def count_tokens(batch: dict[str, torch.Tensor]) -> dict[str, int]:
 
 def count_samples(batch: dict[str, torch.Tensor]) -> int:
     return int(batch["input_ids"].shape[0])
-
-
-def build_dataspec(local: str, remote: str | None = None, split: str | None = "train", *, batch_size: int,
-                   **loader_kwargs: Any) -> Any:
-    """:func:`build_dataloader` wrapped in a Composer ``DataSpec`` that counts tokens."""
-    # Composer is imported here and nowhere else in `data`: the package must stay importable
-    # without Composer (DESIGN.md keeps Composer to mamba/composer_model.py and mamba/train.py).
-    from composer.core import DataSpec
-
-    loader = build_dataloader(local, remote, split, batch_size=batch_size, **loader_kwargs)
-    return DataSpec(loader, get_num_tokens_in_batch=count_tokens, get_num_samples_in_batch=count_samples)

@@ -128,10 +128,19 @@ def build_scheduler(cfg: TrainConfig):
     return ConstantWithWarmupScheduler(t_warmup=s.warmup)
 
 
+def build_dataspec(local: str, remote: str | None, split: str | None, *, batch_size: int, **loader_kwargs):
+    """data.dataset's loader wrapped in a Composer DataSpec that counts tokens (here, not in
+    `data`, which must not import Composer)."""
+    from composer.core import DataSpec
+
+    from data.dataset import build_dataloader, count_samples, count_tokens
+
+    loader = build_dataloader(local, remote, split, batch_size=batch_size, **loader_kwargs)
+    return DataSpec(loader, get_num_tokens_in_batch=count_tokens, get_num_samples_in_batch=count_samples)
+
+
 def build_dataloaders(cfg: TrainConfig, per_device: int):
     from composer.core import Evaluator
-
-    from data.dataset import build_dataspec
 
     d = cfg.data
     common = dict(num_workers=d.num_workers, prefetch_factor=d.prefetch_factor,

@@ -13,7 +13,6 @@ from data.dataset import (
     CorruptShardError,
     PackedDataset,
     build_dataloader,
-    build_dataspec,
     load_shard_meta,
 )
 from data.errors import DataError
@@ -103,7 +102,9 @@ def test_two_workers_cover_the_epoch_once(prepared: Path) -> None:
 
 
 def test_dataspec_counts_tokens(prepared: Path) -> None:
-    spec = build_dataspec(str(prepared), split="val", batch_size=2, shuffle=False)
+    from mamba.train import build_dataspec  # the Composer side lives in the recipe
+
+    spec = build_dataspec(str(prepared), None, "val", batch_size=2, shuffle=False)
     batch = next(iter(spec.dataloader))
     assert spec.get_num_samples_in_batch(batch) == 2
     assert spec.get_num_tokens_in_batch(batch) == 2 * SEQ_LEN
