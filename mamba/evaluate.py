@@ -41,6 +41,7 @@ from mamba.generate import (
     load_model,
     load_tokenizer_for,
     pick_field,
+    run_cli,
     sampling_options,
 )
 from mamba.qa_metrics import exact_match, rouge_l, score_all, token_f1
@@ -192,15 +193,7 @@ def run_perplexity(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        run_qa(args) if args.task == "qa" else run_perplexity(args)
-    except DataError as err:  # UsageError, bad shards, a tokenizer that cannot load
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
-    return 0
+    return run_cli(lambda: run_qa(args) if args.task == "qa" else run_perplexity(args))
 
 
 if __name__ == "__main__":

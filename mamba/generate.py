@@ -307,17 +307,22 @@ def run(args: argparse.Namespace, stdout: TextIO) -> None:
                 f.write(json.dumps({"prompt": prompt, "completion": text}, ensure_ascii=False) + "\n")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run_cli(task) -> int:
+    """Run task(); a user's mistake (DataError) is one `error:` line and exit code 2."""
     try:
-        run(args, sys.stdout)
-    except DataError as err:  # UsageError, or a tokenizer that cannot load
+        task()
+    except DataError as err:  # UsageError, bad shards, a tokenizer that cannot load
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_cli(lambda: run(args, sys.stdout))
 
 
 if __name__ == "__main__":
