@@ -53,3 +53,15 @@ def causal_conv1d_update_torch(x, conv_state, weight, bias=None, activation=None
     if bias is not None:
         y = y + bias
     return _activate(y, activation).to(x.dtype)
+
+
+def fill_conv_state(conv_state, x, seq_idx=None):
+    """After a prefill of x [b,d,l]: conv_state [b,d,w] <- the last w inputs, zero-padded, and
+    only those of the row's last document (that is the one decoding continues)."""
+    length, width = x.shape[-1], conv_state.shape[-1]
+    keep = min(length, width)
+    tail = x[:, :, length - keep:]
+    if seq_idx is not None:
+        tail = tail * (seq_idx[:, length - keep:] == seq_idx[:, -1:]).unsqueeze(1)
+    conv_state.zero_()
+    conv_state[:, :, width - keep:] = tail

@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kernels import causal_conv1d_fn, causal_conv1d_update, selective_scan_fn, selective_state_update
+from kernels.conv1d import fill_conv_state
 from mamba.model.init import init_module
 
 
@@ -55,17 +56,10 @@ class Mamba1(nn.Module):
 
     def forward(self, hidden, seq_idx=None, cache=None):
         """hidden [b,l,d_model] -> [b,l,d_model]; cache = (conv_state, ssm_state) or None."""
-        length = hidden.shape[1]
         xz = self.in_proj(hidden).transpose(1, 2)  # [b,2*d_inner,l]
         x, z = xz.chunk(2, dim=1)
-        if cache is not None:  # keep the last d_conv conv inputs for decoding
-            conv_state, _ = cache
-            keep = min(length, self.d_conv)
-            conv_state.zero_()
-            tail = x[:, :, length - keep:]
-            if seq_idx is not None:  # only the last document continues into decoding
-                tail = tail * (seq_idx[:, length - keep:] == seq_idx[:, -1:]).unsqueeze(1)
-            conv_state[:, :, self.d_conv - keep:] = tail
+        if cache is not None:  # the conv window decoding continues from
+            fill_conv_state(cache[0], x, seq_idx)
         x = causal_conv1d_fn(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, seq_idx=seq_idx,
                              activation="silu")
         x_dbl = self.x_proj(x.transpose(1, 2))  # [b,l,r+2n]

@@ -14,6 +14,7 @@ from kernels import (
     rms_norm_gated,
     selective_state_update,
 )
+from kernels.conv1d import fill_conv_state
 from mamba.model.init import inverse_softplus_dt
 
 
@@ -93,14 +94,8 @@ class Mamba2(nn.Module):
         batch, length, _ = hidden.shape
         z, xBC, dt = self._split_proj(self.in_proj(hidden))
         xBC = xBC.transpose(1, 2)  # [b,conv_dim,l]
-        if cache is not None:
-            conv_state, _ = cache
-            keep = min(length, self.d_conv)
-            conv_state.zero_()
-            tail = xBC[:, :, length - keep:]
-            if seq_idx is not None:  # only the last document continues into decoding
-                tail = tail * (seq_idx[:, length - keep:] == seq_idx[:, -1:]).unsqueeze(1)
-            conv_state[:, :, self.d_conv - keep:] = tail
+        if cache is not None:  # the conv window decoding continues from
+            fill_conv_state(cache[0], xBC, seq_idx)
         xBC = causal_conv1d_fn(xBC, self.conv1d.weight.squeeze(1), self.conv1d.bias,
                                seq_idx=seq_idx, activation="silu").transpose(1, 2)
         x, B, C = xBC.split([self.d_inner, self.ngroups * self.d_state,
