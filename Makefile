@@ -13,8 +13,8 @@ $(STAMP): requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install -r requirements.txt
-	$(BIN)/python -c "from kernels.selective_scan import build_library; build_library(verbose=True)" \
-		|| echo "note: no C compiler; the Mamba-1 scan will use the slower torch path"
+	$(BIN)/python -c "from kernels.cbuild import build_all; build_all(verbose=True)" \
+		|| echo "note: no C compiler; the Mamba-1 scan and decoding will use the slower torch paths"
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 

@@ -2,15 +2,19 @@
 
 Each public function picks an implementation by device and availability:
   * CUDA tensors with mamba_ssm / causal_conv1d installed -> their CUDA/Triton kernels;
-  * CPU tensors -> our torch paths (and the compiled C scan for Mamba-1);
+  * CPU tensors -> our torch paths (and compiled C for the Mamba-1 scan and for decoding);
   * anything else (CUDA without the extras, XLA, MPS) -> the torch paths, which run anywhere.
 The torch paths are tested against the sequential float64 recurrences in kernels.reference.
 """
 
 from kernels.dispatch import (
+    add_rms_norm,
     backend_for,
     causal_conv1d_fn,
     causal_conv1d_update,
+    linear,
+    mamba2_block_step,
+    mamba2_step,
     mamba_chunk_scan_combined,
     selective_scan_fn,
     selective_state_update,
@@ -18,9 +22,13 @@ from kernels.dispatch import (
 from kernels.norm import rms_norm, rms_norm_gated
 
 __all__ = [
+    "add_rms_norm",
     "backend_for",
     "causal_conv1d_fn",
     "causal_conv1d_update",
+    "linear",
+    "mamba2_block_step",
+    "mamba2_step",
     "mamba_chunk_scan_combined",
     "rms_norm",
     "rms_norm_gated",

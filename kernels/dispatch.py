@@ -7,8 +7,11 @@ import math
 import os
 
 import torch
+import torch.nn.functional as F
 
+from kernels import decode
 from kernels.conv1d import causal_conv1d_torch, causal_conv1d_update_torch
+from kernels.norm import rms_norm, rms_norm_gated
 from kernels.selective_scan import selective_scan_torch
 from kernels.ssd import mamba_chunk_scan_combined_torch
 from kernels.step import selective_state_update_torch
@@ -92,3 +95,85 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
         return ext(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus)
     return selective_state_update_torch(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias,
                                         dt_softplus=dt_softplus)
+
+
+
+def _c_decode(*tensors) -> bool:
+    return os.environ.get("MAMBA_KERNELS") != "torch" and decode.eligible(*tensors)
+
+
+def linear(x, weight, bias=None):
+    """F.linear; a few float32 CPU rows without autograd (decoding) use a C matrix-vector loop."""
+    rows = x.numel() // max(1, x.shape[-1])
+    if rows <= decode.DECODE_MAX_ROWS and _c_decode(x, weight, bias):
+        return decode.linear(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+def add_rms_norm(hidden, residual, weight, eps=1e-5):
+    """(rmsnorm(hidden + residual) * weight, hidden + residual); residual None means hidden alone."""
+    if _c_decode(hidden, residual, weight):
+        return decode.add_rms_norm(hidden, residual, weight, eps)
+    residual = hidden if residual is None else hidden + residual
+    return rms_norm(residual, weight, eps), residual
+
+
+def mamba2_step(zxbcdt, conv_state, ssm_state, conv_weight, conv_bias, A, dt_bias, D, norm_weight,
+                norm_eps=1e-5, norm_before_gate=False, ngroups=1, dt_limit=(0.0, math.inf)):
+    """One Mamba-2 decoding step, from in_proj's output to out_proj's input.
+
+    zxbcdt [b, d_inner + conv_dim + h] in the order [z, x, B, C, dt]; conv_state [b, conv_dim, w]
+    and ssm_state [b, h, p, n] are updated in place; conv_weight [conv_dim, w]; A, dt_bias [h];
+    D [h] or [h*p]; norm_weight [d_inner] for the grouped gated RMSNorm, or None for y * silu(z).
+    Returns y [b, d_inner].
+    """
+    if (ssm_state.is_contiguous() and conv_state.is_contiguous()
+            and _c_decode(zxbcdt, conv_state, ssm_state, conv_weight, conv_bias, A, dt_bias, D,
+                          norm_weight)):
+        return decode.mamba2_step(zxbcdt, conv_state, ssm_state, conv_weight, conv_bias, A, dt_bias,
+                                  D, norm_weight, norm_eps, norm_before_gate, ngroups, dt_limit)
+    batch = zxbcdt.shape[0]
+    _, nheads, p, n = ssm_state.shape
+    d_inner = nheads * p
+    z, xBC, dt = zxbcdt.split([d_inner, conv_state.shape[1], nheads], dim=-1)
+    xBC = causal_conv1d_update(xBC, conv_state, conv_weight, conv_bias, activation="silu")
+    x, B, C = xBC.split([d_inner, ngroups * n, ngroups * n], dim=-1)
+    D = D.view(nheads, p) if D.numel() == d_inner else D[:, None].expand(-1, p)
+    dt = dt.float()
+    if tuple(dt_limit) != (0.0, math.inf):  # clamp after softplus, as the chunked scan does
+        dt = F.softplus(dt + dt_bias.float()).clamp(*dt_limit)
+        bias, softplus = None, False
+    else:
+        bias, softplus = dt_bias[:, None].expand(-1, p), True
+    y = selective_state_update(ssm_state, x.view(batch, nheads, p), dt[:, :, None].expand(-1, -1, p),
+                               A[:, None, None].expand(-1, p, n), B.view(batch, ngroups, n),
+                               C.view(batch, ngroups, n), D, dt_bias=bias, dt_softplus=softplus)
+    y = y.reshape(batch, d_inner)
+    if norm_weight is None:
+        return y * F.silu(z)
+    return rms_norm_gated(y, norm_weight, z, norm_eps, d_inner // ngroups, norm_before_gate)
+
+
+def mamba2_block_step(hidden, residual, norm_weight, norm_eps, in_weight, in_bias, conv_state, ssm_state,
+                      conv_weight, conv_bias, A, dt_bias, D, gate_norm_weight, gate_eps=1e-5,
+                      norm_before_gate=False, ngroups=1, dt_limit=(0.0, math.inf), out_weight=None,
+                      out_bias=None):
+    """A whole pre-norm Mamba-2 block for one token: returns (out_proj(mixer(u)), residual) with
+    residual = hidden + residual (or hidden) and u = rmsnorm(residual) * norm_weight.
+
+    hidden, residual [b, d_model] or [b, 1, d_model]; the rest as in mamba2_step, plus in_proj and
+    out_proj weights [out, in] and biases (or None). One C call on CPU for a few float32 rows.
+    """
+    rows = hidden.numel() // hidden.shape[-1]
+    if (rows <= decode.DECODE_MAX_ROWS and ssm_state.is_contiguous() and conv_state.is_contiguous()
+            and _c_decode(hidden, residual, norm_weight, in_weight, in_bias, conv_state, ssm_state,
+                          conv_weight, conv_bias, A, dt_bias, D, gate_norm_weight, out_weight, out_bias)):
+        return decode.mamba2_block_step(hidden, residual, norm_weight, norm_eps, in_weight, in_bias,
+                                        conv_state, ssm_state, conv_weight, conv_bias, A, dt_bias, D,
+                                        gate_norm_weight, gate_eps, norm_before_gate, ngroups, dt_limit,
+                                        out_weight, out_bias)
+    u, residual = add_rms_norm(hidden, residual, norm_weight, norm_eps)
+    zxbcdt = linear(u.reshape(-1, u.shape[-1]), in_weight, in_bias)
+    y = mamba2_step(zxbcdt, conv_state, ssm_state, conv_weight, conv_bias, A, dt_bias, D,
+                    gate_norm_weight, gate_eps, norm_before_gate, ngroups, dt_limit)
+    return linear(y, out_weight, out_bias).view_as(hidden), residual

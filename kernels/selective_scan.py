@@ -9,86 +9,29 @@ sequential torch recurrence below runs instead: same results, slower.
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-import threading
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-_SRC = Path(__file__).parent / "csrc" / "selective_scan_cpu.c"
-_CFLAGS = ["-O3", "-ffast-math", "-march=native", "-fPIC", "-shared", "-std=c99"]
+from kernels import cbuild
+from kernels.cbuild import ptr as _ptr
+
 CHECKPOINT_EVERY = 64  # state checkpoints for the backward pass, every this many steps
-_lib = None
-_lib_error: str | None = None
-_lock = threading.Lock()
-_pool: ThreadPoolExecutor | None = None
+_NAME = "selective_scan_cpu"
 
 
-def _build_dir() -> Path:
-    root = os.environ.get("MAMBA_KERNELS_BUILD_DIR")
-    return Path(root) if root else Path(__file__).parent / "_build"
-
-
-def _cpu_fingerprint() -> str:
-    # -march=native output is only valid on the same kind of CPU (shared file systems!).
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-        flags = next((ln for ln in info.splitlines() if ln.startswith("flags")), "")
-    except OSError:
-        flags = ""
-    return platform.machine() + flags
-
-
-def build_library(verbose: bool = False) -> Path:
-    """Compile the C kernel (if not already built for this source and CPU) and return its path."""
-    source = _SRC.read_bytes()
-    key = hashlib.sha1(source + " ".join(_CFLAGS).encode() + _cpu_fingerprint().encode())
-    target = _build_dir() / f"selective_scan_cpu_{key.hexdigest()[:16]}.so"
-    if target.exists():
-        return target
-    compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
-    if compiler is None:
-        raise RuntimeError("no C compiler found (set CC or install gcc)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        out = Path(tmp) / target.name
-        cmd = [compiler, *_CFLAGS, str(_SRC), "-o", str(out), "-lm"]
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        if result.returncode != 0:
-            raise RuntimeError(f"compiling {_SRC.name} failed: {result.stderr.strip()[:500]}")
-        os.replace(out, target)  # atomic: concurrent ranks never load a half-written file
-    if verbose:
-        print(f"built {target}")
-    return target
+def _declare(lib: ctypes.CDLL) -> None:
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.ss_forward.argtypes = [p] * 9 + [i64] * 8
+    lib.ss_backward.argtypes = [p] * 13 + [i64] * 8
 
 
 def _load():
-    global _lib, _lib_error, _pool
-    if _lib is not None or _lib_error is not None:
-        return _lib
-    with _lock:
-        if _lib is None and _lib_error is None:
-            if os.environ.get("MAMBA_KERNELS_NO_C") == "1":
-                _lib_error = "disabled by MAMBA_KERNELS_NO_C=1"
-                return None
-            try:
-                lib = ctypes.CDLL(str(build_library()))
-            except (RuntimeError, OSError) as exc:
-                _lib_error = str(exc)
-                return None
-            ptr, i64 = ctypes.c_void_p, ctypes.c_int64
-            lib.ss_forward.argtypes = [ptr] * 9 + [i64] * 8
-            lib.ss_backward.argtypes = [ptr] * 13 + [i64] * 8
-            _pool = ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads()))
-            _lib = lib
-    return _lib
+    return cbuild.load(_NAME, _declare)
+
+
+def build_library(verbose: bool = False):
+    return cbuild.build_library(_NAME, verbose=verbose)
 
 
 def c_kernel_available() -> bool:
@@ -97,17 +40,11 @@ def c_kernel_available() -> bool:
 
 def c_kernel_error() -> str | None:
     _load()
-    return _lib_error
-
-
-def _ptr(t: torch.Tensor | None):
-    return None if t is None else ctypes.c_void_p(t.data_ptr())
+    return cbuild.error(_NAME)
 
 
 def _ranges(dim: int) -> list[tuple[int, int]]:
-    parts = max(1, min(torch.get_num_threads(), dim))
-    step = -(-dim // parts)
-    return [(s, min(dim, s + step)) for s in range(0, dim, step)]
+    return cbuild.split(dim)
 
 
 class _SelectiveScanC(torch.autograd.Function):
@@ -122,7 +59,7 @@ class _SelectiveScanC(torch.autograd.Function):
         ckpt = u.new_empty(batch, dim, nck, dstate)
         args = (_ptr(u), _ptr(delta), _ptr(A), _ptr(B), _ptr(C), _ptr(seq_idx), _ptr(y),
                 _ptr(last), _ptr(ckpt), batch, dim, dstate, length, groups, CHECKPOINT_EVERY)
-        list(_pool.map(lambda r: lib.ss_forward(*args, *r), _ranges(dim)))
+        cbuild.parallel(lambda d0, d1: lib.ss_forward(*args, d0, d1), _ranges(dim))
         ctx.save_for_backward(u, delta, A, B, C, seq_idx, ckpt)
         ctx.mark_non_differentiable(last)
         return y, last
@@ -140,14 +77,14 @@ class _SelectiveScanC(torch.autograd.Function):
         dB = B.new_zeros(len(ranges), *B.shape)  # one partial sum per thread
         dC = C.new_zeros(len(ranges), *C.shape)
 
-        def run(i):
-            d0, d1 = ranges[i]
+        def run(d0, d1):
+            i = ranges.index((d0, d1))
             lib.ss_backward(_ptr(u), _ptr(delta), _ptr(A), _ptr(B), _ptr(C), _ptr(seq_idx),
                             _ptr(ckpt), _ptr(dy), _ptr(du), _ptr(ddelta), _ptr(dA), _ptr(dB[i]),
                             _ptr(dC[i]), batch, dim, dstate, length, groups, CHECKPOINT_EVERY,
                             d0, d1)
 
-        list(_pool.map(run, range(len(ranges))))
+        cbuild.parallel(run, ranges)
         return du, ddelta, dA, dB.sum(0), dC.sum(0), None
 
 

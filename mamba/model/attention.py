@@ -6,6 +6,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kernels import linear
+
 
 def apply_rotary(x, positions, rotary_dim: int, base: float, interleaved: bool):
     """Rotate the first rotary_dim channels of x [b,l,h,d] by position (GPT-NeoX layout by default)."""
@@ -48,9 +50,9 @@ class Attention(nn.Module):
         return torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype,
                                                                             device=device)
 
-    def _qkv(self, hidden, positions):
+    def _qkv(self, hidden, positions, decode: bool = False):
         b, length, _ = hidden.shape
-        qkv = self.in_proj(hidden)
+        qkv = linear(hidden, self.in_proj.weight, self.in_proj.bias) if decode else self.in_proj(hidden)
         q, k, v = qkv.split([self.num_heads * self.head_dim,
                              self.num_heads_kv * self.head_dim,
                              self.num_heads_kv * self.head_dim], dim=-1)
@@ -61,7 +63,7 @@ class Attention(nn.Module):
         k = apply_rotary(k, positions, self.rotary_dim, self.rotary_base, self.rotary_interleaved)
         return q, k, v
 
-    def _attend(self, q, k, v, mask=None, is_causal=False):
+    def _attend(self, q, k, v, mask=None, is_causal=False, decode: bool = False):
         rep = self.num_heads // self.num_heads_kv
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [b,h,l,d]
         if rep > 1:
@@ -69,7 +71,8 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                              scale=self.softmax_scale)
         b, _, length, _ = out.shape
-        return self.out_proj(out.transpose(1, 2).reshape(b, length, -1))
+        out = out.transpose(1, 2).reshape(b, length, -1)
+        return linear(out, self.out_proj.weight, self.out_proj.bias) if decode else self.out_proj(out)
 
     def forward(self, hidden, seq_idx=None, cache=None, offset: int = 0, positions=None):
         """hidden [b,l,d]. seq_idx makes the mask block-diagonal: documents never attend across."""
@@ -92,9 +95,9 @@ class Attention(nn.Module):
         b = hidden.shape[0]
         if positions is None:
             positions = torch.full((b, 1), offset, device=hidden.device)
-        q, k, v = self._qkv(hidden, positions)
+        q, k, v = self._qkv(hidden, positions, decode=True)
         k_cache, v_cache = cache
         k_cache[:, offset] = k[:, 0]
         v_cache[:, offset] = v[:, 0]
         mask = None if key_mask is None else key_mask[:, None, None, :offset + 1]
-        return self._attend(q, k_cache[:, :offset + 1], v_cache[:, :offset + 1], mask=mask)
+        return self._attend(q, k_cache[:, :offset + 1], v_cache[:, :offset + 1], mask=mask, decode=True)

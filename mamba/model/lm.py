@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from kernels import add_rms_norm, linear
 from mamba.model.attention import Attention
 from mamba.model.config import ATTENTION, MAMBA1, MAMBA2, MLP, MambaConfig
 from mamba.model.init import init_module
@@ -67,6 +68,11 @@ class InferenceCache:
     key_mask: torch.Tensor | None = None
 
 
+def _decoding(cache: InferenceCache | None) -> bool:
+    """Past the prefill: a few rows per matmul, so linears take the decode path."""
+    return cache is not None and cache.seqlen_offset > 0
+
+
 class Block(nn.Module):
     """norm -> mixer (-> norm2 -> mlp when d_intermediate > 0 in state-spaces' hybrid form)."""
 
@@ -87,18 +93,30 @@ class Block(nn.Module):
         residual = hidden if residual is None else hidden + residual
         return residual.float() if self.residual_in_fp32 else residual
 
-    def forward(self, hidden, residual, seq_idx=None, cache: InferenceCache | None = None):
+    def _add_norm(self, norm, hidden, residual, decoding: bool):
+        if decoding and isinstance(norm, RMSNorm) and hidden.dtype == torch.float32:
+            return add_rms_norm(hidden, residual, norm.weight, norm.eps)  # one fused call on CPU
         residual = self._add(hidden, residual)
-        hidden = self.norm(residual.to(self.norm.weight.dtype))
+        return norm(residual.to(norm.weight.dtype)), residual
+
+    def forward(self, hidden, residual, seq_idx=None, cache: InferenceCache | None = None):
+        decoding = _decoding(cache)
+        if (decoding and self.kind == MAMBA2 and self.mlp is None and isinstance(self.norm, RMSNorm)
+                and hidden.shape[1] == 1 and hidden.dtype == torch.float32):
+            return self.mixer.block_step(hidden, residual, self.norm.weight, self.norm.eps,
+                                         cache.states[self.layer_idx])
+        hidden, residual = self._add_norm(self.norm, hidden, residual, decoding)
         hidden = self._mix(hidden, seq_idx, cache)
         if self.mlp is not None:
-            residual = self._add(hidden, residual)
-            hidden = self.mlp(self.norm2(residual.to(self.norm2.weight.dtype)))
+            hidden, residual = self._add_norm(self.norm2, hidden, residual, decoding)
+            hidden = self.mlp(hidden, decode=decoding)
         return hidden, residual
 
     def _mix(self, hidden, seq_idx, cache):
-        if self.kind == MLP or cache is None:
+        if cache is None:
             return self.mixer(hidden, seq_idx=seq_idx)
+        if self.kind == MLP:
+            return self.mixer(hidden, decode=_decoding(cache))
         state = cache.states[self.layer_idx]
         offset = cache.seqlen_offset
         positions = None
@@ -172,10 +190,16 @@ class MambaLMHeadModel(nn.Module):
         residual = None
         for layer in self.backbone.layers:
             hidden, residual = layer(hidden, residual, seq_idx=seq_idx, cache=inference_params)
-        residual = hidden + residual if residual is not None else hidden
-        hidden = self.backbone.norm_f(residual.to(self.backbone.norm_f.weight.dtype))
+        norm_f = self.backbone.norm_f
+        if _decoding(inference_params) and isinstance(norm_f, RMSNorm) and hidden.dtype == torch.float32:
+            hidden, residual = add_rms_norm(hidden, residual, norm_f.weight, norm_f.eps)
+        else:
+            residual = hidden + residual if residual is not None else hidden
+            hidden = norm_f(residual.to(norm_f.weight.dtype))
         if num_last_tokens > 0:
             hidden = hidden[:, -num_last_tokens:]
+        if inference_params is not None:  # generation: a few rows, no autograd
+            return linear(hidden, self.lm_head.weight, self.lm_head.bias)
         return self.lm_head(hidden)
 
     # ---- inference -----------------------------------------------------------------------

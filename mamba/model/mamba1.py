@@ -8,7 +8,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels import causal_conv1d_fn, causal_conv1d_update, selective_scan_fn, selective_state_update
+from kernels import (
+    causal_conv1d_fn,
+    causal_conv1d_update,
+    linear,
+    selective_scan_fn,
+    selective_state_update,
+)
 from kernels.conv1d import fill_conv_state
 from mamba.model.init import init_module
 
@@ -77,12 +83,12 @@ class Mamba1(nn.Module):
     def step(self, hidden, cache):
         """One token: hidden [b,1,d_model]; updates cache in place."""
         conv_state, ssm_state = cache
-        x, z = self.in_proj(hidden.squeeze(1)).chunk(2, dim=-1)
+        x, z = linear(hidden.squeeze(1), self.in_proj.weight, self.in_proj.bias).chunk(2, dim=-1)
         x = causal_conv1d_update(x, conv_state, self.conv1d.weight.squeeze(1), self.conv1d.bias,
                                  activation="silu")
-        dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = F.linear(dt, self.dt_proj.weight)
+        dt, B, C = linear(x, self.x_proj.weight).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = linear(dt, self.dt_proj.weight)
         A = -torch.exp(self.A_log.float())
         y = selective_state_update(ssm_state, x, dt, A, B, C, self.D, z=z,
                                    dt_bias=self.dt_proj.bias, dt_softplus=True)
-        return self.out_proj(y).unsqueeze(1)
+        return linear(y, self.out_proj.weight, self.out_proj.bias).unsqueeze(1)

@@ -9,10 +9,11 @@ import torch.nn as nn
 
 from kernels import (
     causal_conv1d_fn,
-    causal_conv1d_update,
+    linear,
+    mamba2_block_step,
+    mamba2_step,
     mamba_chunk_scan_combined,
     rms_norm_gated,
-    selective_state_update,
 )
 from kernels.conv1d import fill_conv_state
 from mamba.model.init import inverse_softplus_dt
@@ -114,27 +115,28 @@ class Mamba2(nn.Module):
             cache[1].copy_(final_state)
         return self._gate_and_project(y.reshape(batch, length, self.d_inner), z)
 
+    def _step_params(self) -> dict:
+        norm = self.norm
+        return dict(conv_weight=self.conv1d.weight.squeeze(1), conv_bias=self.conv1d.bias,
+                    A=-torch.exp(self.A_log.float()), dt_bias=self.dt_bias, D=self.D,
+                    gate_norm_weight=None if norm is None else norm.weight,
+                    gate_eps=1e-5 if norm is None else norm.eps,
+                    norm_before_gate=norm is not None and norm.norm_before_gate,
+                    ngroups=self.ngroups, dt_limit=self.dt_limit)
+
     def step(self, hidden, cache):
         """One token: hidden [b,1,d_model]; updates cache in place."""
         conv_state, ssm_state = cache
-        batch = hidden.shape[0]
-        z, xBC, dt = self._split_proj(self.in_proj(hidden.squeeze(1)))
-        xBC = causal_conv1d_update(xBC, conv_state, self.conv1d.weight.squeeze(1),
-                                   self.conv1d.bias, activation="silu")
-        x, B, C = xBC.split([self.d_inner, self.ngroups * self.d_state,
-                             self.ngroups * self.d_state], dim=-1)
-        A = -torch.exp(self.A_log.float())
-        p, n = self.headdim, self.d_state
-        D = self.D.view(self.nheads, p) if self.D_has_hdim else self.D[:, None].expand(-1, p)
-        dt = dt.float()
-        if self.dt_limit != (0.0, math.inf):
-            # clamp after softplus, as the chunked path does
-            dt = torch.nn.functional.softplus(dt + self.dt_bias.float()).clamp(*self.dt_limit)
-            dt_bias, softplus = None, False
-        else:
-            dt_bias, softplus = self.dt_bias[:, None].expand(-1, p), True
-        y = selective_state_update(
-            ssm_state, x.view(batch, self.nheads, p), dt[:, :, None].expand(-1, -1, p),
-            A[:, None, None].expand(-1, p, n), B.view(batch, self.ngroups, n),
-            C.view(batch, self.ngroups, n), D, dt_bias=dt_bias, dt_softplus=softplus)
-        return self._gate_and_project(y.reshape(batch, self.d_inner), z).unsqueeze(1)
+        zxbcdt = linear(hidden.squeeze(1), self.in_proj.weight, self.in_proj.bias)
+        p = self._step_params()
+        y = mamba2_step(zxbcdt, conv_state, ssm_state, p["conv_weight"], p["conv_bias"], p["A"],
+                        p["dt_bias"], p["D"], p["gate_norm_weight"], p["gate_eps"], p["norm_before_gate"],
+                        p["ngroups"], p["dt_limit"])
+        return linear(y, self.out_proj.weight, self.out_proj.bias).unsqueeze(1)
+
+    def block_step(self, hidden, residual, norm_weight, norm_eps: float, cache):
+        """A pre-norm block around this mixer, one token: (mixer output, hidden + residual)."""
+        conv_state, ssm_state = cache
+        return mamba2_block_step(hidden, residual, norm_weight, norm_eps, self.in_proj.weight,
+                                 self.in_proj.bias, conv_state, ssm_state, out_weight=self.out_proj.weight,
+                                 out_bias=self.out_proj.bias, **self._step_params())

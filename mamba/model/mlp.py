@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kernels import linear
+
 
 class MLP(nn.Module):
     def __init__(self, d_model: int, hidden: int, activation: str = "swiglu", bias: bool = False,
@@ -19,8 +21,8 @@ class MLP(nn.Module):
         self.fc2 = nn.Linear(hidden, d_model, bias=bias)
         self.layer_idx = layer_idx
 
-    def forward(self, x, seq_idx=None, cache=None):
-        h = self.fc1(x)
+    def forward(self, x, seq_idx=None, cache=None, decode: bool = False):
+        h = linear(x, self.fc1.weight, self.fc1.bias) if decode else self.fc1(x)
         if self.activation == "swiglu":
             y, gate = h.chunk(2, dim=-1)
             h = y * F.silu(gate)
@@ -28,4 +30,4 @@ class MLP(nn.Module):
             h = F.gelu(h)
         else:  # relu2
             h = F.relu(h).square()
-        return self.fc2(h)
+        return linear(h, self.fc2.weight, self.fc2.bias) if decode else self.fc2(h)
