@@ -1,6 +1,7 @@
-"""SSD and Mamba-1 scan, forward + backward, against their textbook peers (fp32, CPU).
+"""SSD and Mamba-1 scan, forward + backward, against their textbook peers (fp32, CPU); the
+decode-time linear layer against torch's F.linear.
 
-Run: .venv/bin/python bench/bench_kernels.py
+Run: .venv/bin/python bench/bench_kernels.py [ssd] [scan] [decode]   (default: all three)
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import best_of, machine  # noqa: E402
 from textbook import selective_scan_sequential, ssd_textbook  # noqa: E402
 
+from kernels import decode  # noqa: E402
 from kernels.selective_scan import selective_scan_torch  # noqa: E402
 from kernels.ssd import ssd_scan  # noqa: E402
 
@@ -67,7 +69,37 @@ def bench_scan(repeats: int) -> None:
     print(f"  ours (C kernel)      : {ours * 1e3:7.1f} ms: {seq / ours:.1f}x faster")
 
 
+def bench_decode_linear(repeats: int) -> None:
+    """One decode step's linears at the mamba2-130m shape: 24 x (in_proj, out_proj) + lm_head.
+
+    Every weight is a distinct tensor (516 MB in all, far beyond the caches), as in a real step,
+    so both sides stream weights from memory. The roofline is a plain sum over the same bytes.
+    """
+    layers = [(torch.randn(3352, 768), torch.randn(768, 1536)) for _ in range(24)]
+    head = torch.randn(50304, 768)
+    weights = [w for pair in layers for w in pair] + [head]
+    gbytes = sum(w.numel() for w in weights) * 4 / 1e9
+
+    def step(fn, rows):
+        x, y = torch.randn(rows, 768), torch.randn(rows, 1536)
+        return lambda: ([(fn(x, a), fn(y, b)) for a, b in layers], fn(x, head))
+
+    read = best_of(lambda: [w.sum() for w in weights], repeats)
+    print(f"decode linears, mamba2-130m shape ({gbytes * 1e3:.0f} MB of fp32 weights per step); "
+          f"reading them once (sum): {read * 1e3:.1f} ms = {gbytes / read:.1f} GB/s")
+    for rows in (1, 4):
+        ref = best_of(step(torch.nn.functional.linear, rows), repeats)
+        ours = best_of(step(decode.linear, rows), repeats)
+        print(f"  {rows} row(s): F.linear {ref * 1e3:6.1f} ms ({gbytes / ref:4.1f} GB/s), ours "
+              f"{ours * 1e3:6.1f} ms ({gbytes / ours:4.1f} GB/s): {ref / ours:.2f}x faster")
+
+
 if __name__ == "__main__":
     print(machine())
-    bench_ssd(repeats=5)
-    bench_scan(repeats=5)
+    sections = sys.argv[1:] or ["ssd", "scan", "decode"]
+    if "ssd" in sections:
+        bench_ssd(repeats=5)
+    if "scan" in sections:
+        bench_scan(repeats=5)
+    if "decode" in sections:
+        bench_decode_linear(repeats=5)

@@ -1,11 +1,12 @@
 """Compiled CPU kernels for one-token decoding (csrc/decode_cpu.c), float32.
 
 Decoding one token is a chain of small operations on a few rows, so on a CPU its time goes to
-streaming each weight matrix once and to per-operation overhead. Three kernels cover the chain:
-a matrix-vector product for linear layers (rows split over worker threads), a fused Mamba-2 step
-(conv window, SSM state update, gate and grouped RMSNorm in one call), and a fused residual add
-+ RMSNorm. kernels.dispatch chooses them for float32 CPU tensors without autograd; the torch
-compositions there are the reference they are tested against.
+streaming each weight matrix once and to per-operation overhead. The kernels: a matrix-vector
+product for linear layers (rows split over worker threads), a fused Mamba-2 step (conv window,
+SSM state update, gate and grouped RMSNorm in one call), a fused residual add + RMSNorm, and a
+whole pre-norm Mamba-2 block (add + norm, in_proj, step, out_proj) in one call.
+kernels.dispatch chooses them for float32 CPU tensors without autograd; the torch compositions
+there are the reference they are tested against.
 """
 
 from __future__ import annotations
@@ -72,8 +73,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 def _step_args(conv_weight, conv_bias, A, dt_bias, D, norm_weight):
     """Contiguous versions (usually the tensors themselves): the caller keeps them referenced."""
-    c = [None if t is None else t.contiguous() for t in (conv_weight, conv_bias, A, dt_bias, D, norm_weight)]
-    return c
+    tensors = (conv_weight, conv_bias, A, dt_bias, D, norm_weight)
+    return [None if t is None else t.contiguous() for t in tensors]
 
 
 def mamba2_step(zxbcdt, conv_state, ssm_state, conv_weight, conv_bias, A, dt_bias, D, norm_weight,
@@ -114,7 +115,7 @@ def add_rms_norm(hidden, residual, weight, eps: float):
 def mamba2_block_step(hidden, residual, norm_weight, norm_eps, in_weight, in_bias, conv_state, ssm_state,
                       conv_weight, conv_bias, A, dt_bias, D, gate_norm_weight, gate_eps,
                       norm_before_gate, ngroups, dt_limit, out_weight, out_bias):
-    """See kernels.dispatch.mamba2_block_step; one single-threaded C call for a few rows."""
+    """See kernels.dispatch.mamba2_block_step; one C call (its two products on the worker threads)."""
     d_model = hidden.shape[-1]
     _, nheads, headdim, dstate = ssm_state.shape
     d_inner = nheads * headdim

@@ -23,9 +23,10 @@ def argmax_decode(model, ids, steps):
 
 
 @pytest.mark.parametrize("pattern", ["mm", "MM", "M*-m"])
-def test_greedy_generation_equals_argmax_of_full_forwards(pattern):
+@pytest.mark.parametrize("batch", [2, 6])  # 6: past the fused C block's few rows, the composed path
+def test_greedy_generation_equals_argmax_of_full_forwards(pattern, batch):
     model = tiny(pattern)
-    prompt = torch.randint(0, 101, (2, 7))
+    prompt = torch.randint(0, 101, (batch, 7))
     assert torch.equal(model.generate(prompt, 12), argmax_decode(model, prompt, 12))
 
 
