@@ -28,7 +28,7 @@ test: setup
 	$(BIN)/python -m pytest -q $(TESTS)
 
 lint: setup
-	$(BIN)/ruff check kernels mamba data neuron tests bench
+	$(BIN)/ruff check kernels mamba data $(wildcard neuron) tests bench
 
 bench: setup
 	$(BIN)/python bench/bench_kernels.py

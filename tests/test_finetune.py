@@ -34,6 +34,12 @@ def test_recipes_parse(path):
         assert (cfg.grad_clip_norm, cfg.max_duration, cfg.precision) == (1.0, "700ba", "amp_bf16")
 
 
+def test_domain_recipe_fits_its_pretrain_preset():
+    tuned = parse_config(load_yaml(str(ROOT / "yamls" / "finetune" / "domain_qa.yaml")))
+    base = parse_config(load_yaml(str(ROOT / "yamls" / "pretrain" / "mamba2-48l-2048d-domain.yaml")))
+    assert tuned.model.mamba_config().to_dict() == base.model.mamba_config().to_dict()
+
+
 def run(args, cwd):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     result = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, env=env,
