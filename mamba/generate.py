@@ -99,6 +99,10 @@ def load_model(path: str | Path, device: str = "cpu", dtype: str = "float32"):
 
 def check_model_folder(path: str | Path) -> Path:
     folder = Path(path)
+    if folder.is_file():  # most likely a training checkpoint
+        raise UsageError(f"{str(folder)!r} is a file, not a model folder: convert a Composer checkpoint "
+                         "first (python -m mamba.convert --from composer CKPT --config MODEL_CONFIG.json "
+                         "--to native DIR) or give the run's export_folder")
     if not (folder / "config.json").is_file():
         what = "does not exist" if not folder.exists() else "has no config.json"
         raise UsageError(f"model folder {str(folder)!r} {what}: give a save_pretrained / converted folder "

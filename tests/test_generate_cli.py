@@ -109,6 +109,7 @@ def test_sampling_is_seeded(model_dir):
 
 @pytest.mark.parametrize("args,message", [
     (["MISSING"], "model folder"),
+    (["NOFIELD", "--prompt", "x"], "is a file, not a model folder: convert a Composer checkpoint"),
     (["MODEL", "--prompt-file", "BADJSONL"], "prompts.jsonl:2: invalid JSON"),
     (["MODEL", "--prompt-file", "NOFIELD"], "nofield.jsonl:1: missing field"),
     (["MODEL"], "no prompts"),
