@@ -1,7 +1,8 @@
-"""Decode speed and memory: our recurrent generate() vs transformers' Mamba2ForCausalLM.generate().
+"""Decode speed and memory: our recurrent generate() vs transformers' Mamba(2)ForCausalLM.generate().
 
     python bench/bench_decode.py                      # speed at batch 1 and 16, then memory
     python bench/bench_decode.py --skip-memory --new-tokens 64
+    python bench/bench_decode.py --layer mamba1 --skip-memory   # mamba-130m vs MambaForCausalLM
 
 A mamba2-130m-shaped model (d_model 768, 24 layers, vocab 50280, ngroups 1, headdim 64,
 d_state 128) with random weights; HF gets the same weights (names differ only in
@@ -34,10 +35,11 @@ VOCAB = 50280
 PROMPT_LEN = 16
 
 
-def build_ours(layers: int) -> MambaLMHeadModel:
+def build_ours(layers: int, kind: str = "mamba2") -> MambaLMHeadModel:
     torch.manual_seed(0)
-    config = MambaConfig(d_model=768, n_layer=layers, vocab_size=VOCAB,
-                         ssm_cfg={"layer": "Mamba2", "ngroups": 1, "headdim": 64, "d_state": 128})
+    ssm = ({"layer": "Mamba2", "ngroups": 1, "headdim": 64, "d_state": 128} if kind == "mamba2"
+           else {"layer": "Mamba1", "d_state": 16})
+    config = MambaConfig(d_model=768, n_layer=layers, vocab_size=VOCAB, ssm_cfg=ssm)
     return MambaLMHeadModel(config).eval()
 
 
@@ -45,6 +47,15 @@ def build_hf(ours: MambaLMHeadModel, chunk_size: int):
     import transformers
 
     cfg = ours.config
+    if cfg.ssm_cfg.get("layer") == "Mamba1":  # mamba-130m shape: MambaForCausalLM
+        hf = transformers.MambaForCausalLM(transformers.MambaConfig(
+            hidden_size=768, num_hidden_layers=cfg.n_layer, vocab_size=cfg.padded_vocab_size,
+            state_size=16, expand=2, conv_kernel=4, use_bias=False, use_conv_bias=True,
+            tie_word_embeddings=True, eos_token_id=0, pad_token_id=0, bos_token_id=0))
+        state = {k.replace("backbone.embedding.", "backbone.embeddings."): v
+                 for k, v in ours.state_dict().items()}
+        hf.load_state_dict(state, strict=True)
+        return hf.eval()
     hf = transformers.Mamba2ForCausalLM(transformers.Mamba2Config(
         hidden_size=768, num_heads=24, head_dim=64, n_groups=1, state_size=128, expand=2,
         chunk_size=chunk_size, num_hidden_layers=cfg.n_layer, vocab_size=cfg.padded_vocab_size,
@@ -63,11 +74,12 @@ def timed(fn) -> tuple[float, torch.Tensor]:
 
 
 def speed(args) -> None:
-    ours = build_ours(args.layers)
+    ours = build_ours(args.layers, args.layer)
     hf = None if args.no_hf else build_hf(ours, args.hf_chunk)
     print(f"machine: {machine()}")
-    print(f"mamba2-130m shape, {args.layers} layers, {sum(p.numel() for p in ours.parameters()) / 1e6:.1f}M "
-          f"params, fp32, greedy, prompt {PROMPT_LEN} tokens")
+    params = sum(p.numel() for p in ours.parameters()) / 1e6
+    print(f"{args.layer}-130m shape, {args.layers} layers, {params:.1f}M params, fp32, greedy, "
+          f"prompt {PROMPT_LEN} tokens")
     for batch in args.batches:
         n = args.new_tokens
         ids = torch.randint(0, VOCAB, (batch, PROMPT_LEN), generator=torch.Generator().manual_seed(batch))
@@ -102,7 +114,7 @@ def reset_peak_rss() -> None:
 
 def memory_child(args) -> None:
     """One length in this process: print JSON {new_tokens, rss_before_mb, rss_peak_mb}."""
-    ours = build_ours(args.layers)
+    ours = build_ours(args.layers, args.layer)
     ids = torch.randint(0, VOCAB, (args.batch_for_memory, PROMPT_LEN),
                         generator=torch.Generator().manual_seed(0))
     ours.generate(ids, 8)  # warm-up: allocator pools, thread pools
@@ -119,6 +131,7 @@ def memory(args) -> None:
     print(f"peak memory of ours.generate() at batch {args.batch_for_memory}, each length in a fresh process:")
     for n in args.memory_lengths:
         cmd = [sys.executable, __file__, "--memory-child", str(n), "--layers", str(args.layers),
+               "--layer", args.layer,
                "--batch-for-memory", str(args.batch_for_memory)]
         result = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ})
         r = json.loads(result.stdout.strip().splitlines()[-1])
@@ -129,6 +142,8 @@ def memory(args) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--layers", type=int, default=24)
+    p.add_argument("--layer", choices=("mamba2", "mamba1"), default="mamba2",
+                   help="mamba2-130m shape (vs Mamba2ForCausalLM) or mamba-130m (vs MambaForCausalLM)")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--no-hf", action="store_true", help="skip transformers")

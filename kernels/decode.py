@@ -140,3 +140,4 @@ def mamba2_block_step(hidden, residual, norm_weight, norm_eps, in_weight, in_bia
         ptr(y), ptr(out_weight), ptr(out_bias), ptr(out), batch, d_model, nheads, headdim, dstate,
         ngroups, conv_state.shape[-1])
     return out.view_as(hidden), res_out.view_as(hidden)
+

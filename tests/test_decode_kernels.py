@@ -193,3 +193,25 @@ print(decode.available(), tuple(out.shape), out[:, 5:].tolist())
     assert with_c.stdout.startswith("True (2, 11)"), with_c.stderr
     assert without.stdout.startswith("False (2, 11)"), without.stderr
     assert with_c.stdout.split(")", 1)[1] == without.stdout.split(")", 1)[1]  # same tokens
+
+
+def test_decoding_loop_runs_torch_single_threaded_and_restores_it():
+    from mamba.model import MambaConfig, MambaLMHeadModel
+
+    model = MambaLMHeadModel(MambaConfig(d_model=32, n_layer=1, vocab_size=50,
+                                         ssm_cfg={"layer": "Mamba1"})).eval()
+    before = torch.get_num_threads()
+    seen = []
+    model.generate(torch.randint(0, 50, (2, 3)), 3, streamer=lambda t: seen.append(torch.get_num_threads()))
+    assert seen == [1, 1, 1] and torch.get_num_threads() == before
+    seen.clear()  # more rows than the C kernels take: torch keeps its threads
+    model.generate(torch.randint(0, 50, (decode.DECODE_MAX_ROWS + 1, 3)), 2,
+                   streamer=lambda t: seen.append(torch.get_num_threads()))
+    assert seen == [before, before]
+
+    def fail(_):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        model.generate(torch.randint(0, 50, (1, 3)), 3, streamer=fail)
+    assert torch.get_num_threads() == before

@@ -14,6 +14,7 @@
 #include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <time.h>
 #include <unistd.h>
 #if defined(__SSE__)
 #include <xmmintrin.h>
@@ -45,12 +46,13 @@ void gemv_rows(const float *restrict W, const float *restrict x, const float *re
 
 /* ---- worker threads for gemv ---------------------------------------------------------------
  * A weight matrix streams faster from two cores than from one, and a decode step runs dozens
- * of products in a row, so workers stay alive between calls: each spins briefly for the next
- * job (a step's products come microseconds apart) and then sleeps on a condition variable.
+ * of products in a row, so workers stay alive between calls: each spins for the next job for
+ * up to SPIN_NS (a step's products come microseconds apart, and waking a sleeping thread can
+ * cost more than a product) and then sleeps on a condition variable.
  * Worker i computes part i + 1 of the rows; the calling thread computes part 0 and waits.
  * A process forked after the workers started has none: the pool is rebuilt on first use. */
 #define MAX_WORKERS 63
-#define SPIN_ROUNDS 20000
+#define SPIN_NS 200000  /* how long an idle worker spins before it sleeps: 0.2 ms */
 
 typedef struct { const float *W, *x, *bias; float *y; int64_t batch, rows, cols, step; } gemv_job;
 
@@ -62,6 +64,12 @@ static int pool_workers = 0, pool_wanted = 0, pool_busy = 0;
 static pid_t pool_pid = 0;
 static int64_t pool_start_generation[MAX_WORKERS + 1];
 
+static int64_t now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
+}
+
 static void run_part(const gemv_job *j, int64_t part) {
     const int64_t r0 = part * j->step, r1 = r0 + j->step < j->rows ? r0 + j->step : j->rows;
     if (r0 < r1) gemv_rows(j->W, j->x, j->bias, j->y, j->batch, j->rows, j->cols, r0, r1);
@@ -71,9 +79,10 @@ static void *worker_main(void *arg) {
     const int64_t part = (int64_t)(intptr_t)arg;
     int64_t seen = pool_start_generation[part];  /* jobs posted before this thread ran count */
     for (;;) {
-        int spins = 0;
+        const int64_t spin_until = now_ns() + SPIN_NS;
+        int64_t spins = 0;
         while (__atomic_load_n(&pool_generation, __ATOMIC_ACQUIRE) == seen) {
-            if (++spins < SPIN_ROUNDS) { CPU_RELAX(); continue; }
+            if ((++spins & 255) || now_ns() < spin_until) { CPU_RELAX(); continue; }
             pthread_mutex_lock(&pool_mu);
             while (__atomic_load_n(&pool_generation, __ATOMIC_ACQUIRE) == seen)
                 pthread_cond_wait(&pool_cv, &pool_mu);

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from kernels import decoding_threads
+
 
 def sample_next(logits, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                 generator: torch.Generator | None = None):
@@ -61,16 +63,17 @@ def generate(model, input_ids, max_new_tokens: int, temperature: float = 0.0, to
     out = [input_ids]
     finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
     vocab = model.config.vocab_size
-    for _ in range(max_new_tokens):
-        token = sample_next(logits[:, :vocab], temperature, top_k, top_p, generator)
-        if eos_token_id is not None:
-            token = torch.where(finished, torch.full_like(token, eos_token_id), token)
-            finished |= token == eos_token_id
-        out.append(token[:, None])
-        if streamer is not None:
-            streamer(token)
-        if eos_token_id is not None and bool(finished.all()):
-            break
-        logits = model(token[:, None], inference_params=cache)[:, -1]
-        cache.seqlen_offset += 1
+    with decoding_threads(batch, input_ids.device):
+        for _ in range(max_new_tokens):
+            token = sample_next(logits[:, :vocab], temperature, top_k, top_p, generator)
+            if eos_token_id is not None:
+                token = torch.where(finished, torch.full_like(token, eos_token_id), token)
+                finished |= token == eos_token_id
+            out.append(token[:, None])
+            if streamer is not None:
+                streamer(token)
+            if eos_token_id is not None and bool(finished.all()):
+                break
+            logits = model(token[:, None], inference_params=cache)[:, -1]
+            cache.seqlen_offset += 1
     return torch.cat(out, dim=1)
