@@ -3,8 +3,8 @@
 Decoding one token is a chain of small operations on a few rows, so on a CPU its time goes to
 streaming each weight matrix once and to per-operation overhead. The kernels: a matrix-vector
 product for linear layers (rows split over worker threads), a fused Mamba-2 step (conv window,
-SSM state update, gate and grouped RMSNorm in one call), a fused residual add + RMSNorm, and a
-whole pre-norm Mamba-2 block (add + norm, in_proj, step, out_proj) in one call.
+SSM state update, gate and grouped RMSNorm in one call), a fused residual add + RMSNorm, and
+whole pre-norm Mamba-2 and Mamba-1 blocks (add + norm, projections, step) in one call each.
 kernels.dispatch chooses them for float32 CPU tensors without autograd; the torch compositions
 there are the reference they are tested against.
 """
@@ -33,7 +33,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.add_rms_norm.argtypes = [p] * 5 + [i64, i64, f32]
     lib.mamba2_block_step.argtypes = ([p] * 4 + [f32] + [p] * 11 + [i64, p, i64, f32, f32, f32]
                                       + [p] * 4 + [i64] * 7)
-    for fn in (lib.gemv, lib.mamba2_step, lib.add_rms_norm, lib.mamba2_block_step):
+    lib.mamba1_block_step.argtypes = [p] * 4 + [f32] + [p] * 20 + [i64] * 6
+    for fn in (lib.gemv, lib.mamba2_step, lib.add_rms_norm, lib.mamba2_block_step, lib.mamba1_block_step):
         fn.restype = None
     lib.decode_set_threads(torch.get_num_threads())
 
@@ -141,3 +142,32 @@ def mamba2_block_step(hidden, residual, norm_weight, norm_eps, in_weight, in_bia
         ngroups, conv_state.shape[-1])
     return out.view_as(hidden), res_out.view_as(hidden)
 
+
+
+def mamba1_block_step(hidden, residual, norm_weight, norm_eps, in_weight, in_bias, conv_state, ssm_state,
+                      conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_bias, A, D, out_weight,
+                      out_bias):
+    """See kernels.dispatch.mamba1_block_step; one C call (its products on the worker threads)."""
+    d_model = hidden.shape[-1]
+    _, d_inner, dstate = ssm_state.shape
+    dt_rank = dt_proj_weight.shape[1]
+    if not (conv_state.is_contiguous() and ssm_state.is_contiguous()):
+        raise ValueError("conv_state and ssm_state must be contiguous for the C decode step")
+    h = hidden.reshape(-1, d_model).contiguous()
+    r = None if residual is None else residual.reshape(-1, d_model).contiguous()
+    batch = h.shape[0]
+    norm_weight, in_weight, conv_weight, x_proj_weight, dt_proj_weight, dt_bias, A, D, out_weight = (
+        t.contiguous() for t in (norm_weight, in_weight, conv_weight, x_proj_weight, dt_proj_weight,
+                                 dt_bias, A, D, out_weight))
+    in_bias, conv_bias, out_bias = (None if t is None else t.contiguous()
+                                    for t in (in_bias, conv_bias, out_bias))
+    res_out, u, out = torch.empty_like(h), torch.empty_like(h), torch.empty_like(h)
+    xz = h.new_empty(batch, 2 * d_inner)
+    xc, dt, y = (h.new_empty(batch, d_inner) for _ in range(3))
+    x_dbl = h.new_empty(batch, dt_rank + 2 * dstate)
+    _lib().mamba1_block_step(
+        ptr(h), ptr(r), ptr(res_out), ptr(norm_weight), float(norm_eps), ptr(u), ptr(in_weight), ptr(in_bias),
+        ptr(xz), ptr(conv_state), ptr(conv_weight), ptr(conv_bias), ptr(xc), ptr(x_proj_weight), ptr(x_dbl),
+        ptr(dt_proj_weight), ptr(dt), ptr(dt_bias), ptr(A), ptr(D), ptr(ssm_state), ptr(y), ptr(out_weight),
+        ptr(out_bias), ptr(out), batch, d_model, d_inner, dt_rank, dstate, conv_state.shape[-1])
+    return out.view_as(hidden), res_out.view_as(hidden)

@@ -195,3 +195,29 @@ def mamba2_block_step(hidden, residual, norm_weight, norm_eps, in_weight, in_bia
     y = mamba2_step(zxbcdt, conv_state, ssm_state, conv_weight, conv_bias, A, dt_bias, D,
                     gate_norm_weight, gate_eps, norm_before_gate, ngroups, dt_limit)
     return linear(y, out_weight, out_bias).view_as(hidden), residual
+
+
+def mamba1_block_step(hidden, residual, norm_weight, norm_eps, in_weight, in_bias, conv_state, ssm_state,
+                      conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_bias, A, D, out_weight,
+                      out_bias=None):
+    """A whole pre-norm Mamba-1 block for one token: returns (out_proj(mixer(u)), residual) with
+    residual = hidden + residual (or hidden) and u = rmsnorm(residual) * norm_weight.
+
+    conv_state [b, d_inner, w] and ssm_state [b, d_inner, n] are updated in place; A [d_inner, n]
+    (= -exp(A_log)); dt_bias, D [d_inner]; weights [out, in] as in state-spaces' Mamba.
+    One C call on CPU for a few float32 rows.
+    """
+    rows = hidden.numel() // hidden.shape[-1]
+    tensors = (hidden, residual, norm_weight, in_weight, in_bias, conv_state, ssm_state, conv_weight,
+               conv_bias, x_proj_weight, dt_proj_weight, dt_bias, A, D, out_weight, out_bias)
+    if (rows <= decode.DECODE_MAX_ROWS and ssm_state.is_contiguous() and conv_state.is_contiguous()
+            and _c_decode(*tensors)):
+        return decode.mamba1_block_step(*tensors[:2], norm_weight, norm_eps, *tensors[3:])
+    u, residual = add_rms_norm(hidden, residual, norm_weight, norm_eps)
+    x, z = linear(u.reshape(-1, u.shape[-1]), in_weight, in_bias).chunk(2, dim=-1)
+    x = causal_conv1d_update(x, conv_state, conv_weight, conv_bias, activation="silu")
+    dstate = ssm_state.shape[-1]
+    dt, B, C = linear(x, x_proj_weight).split([dt_proj_weight.shape[1], dstate, dstate], dim=-1)
+    y = selective_state_update(ssm_state, x, linear(dt, dt_proj_weight), A, B, C, D, z=z, dt_bias=dt_bias,
+                               dt_softplus=True)
+    return linear(y, out_weight, out_bias).view_as(hidden), residual

@@ -215,3 +215,31 @@ def test_decoding_loop_runs_torch_single_threaded_and_restores_it():
     with pytest.raises(KeyboardInterrupt):
         model.generate(torch.randint(0, 50, (1, 3)), 3, streamer=fail)
     assert torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_mamba1_block_step_matches_float64_over_several_tokens(batch, with_residual, with_bias):
+    from kernels import mamba1_block_step
+
+    d_model, d_inner, n, rank, width = 24, 48, 6, 3, 4
+    ours = dict(
+        norm_weight=torch.rand(d_model) + 0.5, in_weight=torch.randn(2 * d_inner, d_model) * 0.2,
+        in_bias=torch.randn(2 * d_inner) if with_bias else None,
+        conv_state=torch.randn(batch, d_inner, width), ssm_state=torch.randn(batch, d_inner, n),
+        conv_weight=torch.randn(d_inner, width) * 0.5, conv_bias=torch.randn(d_inner) if with_bias else None,
+        x_proj_weight=torch.randn(rank + 2 * n, d_inner) * 0.2, dt_proj_weight=torch.randn(d_inner, rank),
+        dt_bias=torch.randn(d_inner), A=-torch.rand(d_inner, n) * 4 - 0.1, D=torch.randn(d_inner),
+        out_weight=torch.randn(d_model, d_inner) * 0.2, out_bias=torch.randn(d_model) if with_bias else None)
+    ref = as64(ours)
+    for _ in range(4):
+        hidden = torch.randn(batch, 1, d_model)
+        residual = torch.randn(batch, 1, d_model) if with_residual else None
+        out, res = mamba1_block_step(hidden, residual, norm_eps=1e-5, **ours)
+        out_ref, res_ref = mamba1_block_step(hidden.double(), None if residual is None else residual.double(),
+                                             norm_eps=1e-5, **ref)
+        close(res, res_ref)
+        close(out, out_ref, 1e-4)
+        close(ours["conv_state"], ref["conv_state"])
+        close(ours["ssm_state"], ref["ssm_state"], 1e-4)

@@ -153,6 +153,20 @@ void gemv(const float *W, const float *x, const float *bias, float *y, int64_t b
  */
 static inline float silu(float v) { return v / (1.0f + expf(-v)); }
 
+/* One token through the depthwise causal conv: roll each channel's window (state [dim, width],
+ * newest last), append x, and write silu(window . w + bias) to out [dim]. */
+static void conv_step(float *restrict state, const float *restrict x, const float *restrict w,
+                      const float *restrict bias, float *restrict out, int64_t dim, int64_t width) {
+    for (int64_t c = 0; c < dim; ++c) {
+        float *s = state + c * width;
+        const float *wc = w + c * width;
+        float acc = bias ? bias[c] : 0.0f;
+        for (int64_t k = 0; k + 1 < width; ++k) { s[k] = s[k + 1]; acc += s[k] * wc[k]; }
+        s[width - 1] = x[c];
+        out[c] = silu(acc + x[c] * wc[width - 1]);
+    }
+}
+
 void mamba2_step(const float *restrict zxbcdt, float *restrict conv_state,
                  const float *restrict conv_w, const float *restrict conv_b,
                  float *restrict ssm_state, const float *restrict A, const float *restrict dt_bias,
@@ -166,16 +180,7 @@ void mamba2_step(const float *restrict zxbcdt, float *restrict conv_state,
     float *xbc = (float *)malloc(sizeof(float) * conv_dim);
     for (int64_t b = b0; b < b1; ++b) {
         const float *z = zxbcdt + b * row, *in = z + d_inner, *dt_raw = in + conv_dim;
-        float *cs = conv_state + b * conv_dim * width;
-        for (int64_t c = 0; c < conv_dim; ++c) {  /* roll the window, convolve, silu */
-            float *s = cs + c * width;
-            const float *w = conv_w + c * width;
-            float acc = conv_b ? conv_b[c] : 0.0f;
-            for (int64_t k = 0; k + 1 < width; ++k) { s[k] = s[k + 1]; acc += s[k] * w[k]; }
-            s[width - 1] = in[c];
-            acc += in[c] * w[width - 1];
-            xbc[c] = silu(acc);
-        }
+        conv_step(conv_state + b * conv_dim * width, in, conv_w, conv_b, xbc, conv_dim, width);
         const float *x = xbc, *Bm = xbc + d_inner, *Cm = Bm + ngroups * dstate;
         float *yb = y + b * d_inner;
         for (int64_t h = 0; h < nheads; ++h) {
@@ -259,4 +264,50 @@ void mamba2_block_step(const float *hidden, const float *residual, float *residu
                 gate_norm_w, norm_before_gate, gate_eps, dt_lo, dt_hi, y, nheads, headdim,
                 dstate, ngroups, width, 0, batch);
     gemv(out_w, y, out_b, out, batch, d_model, d_inner);
+}
+
+/* One whole Mamba-1 block for one token, for a few rows: residual add + RMSNorm, in_proj to
+ * [x, z], conv window + silu on x, x_proj to [dt_low, B, C], dt = dt_proj(dt_low), the
+ * selective state update per channel (dt = softplus(dt + dt_bias), state [batch, d_inner, n]),
+ * y = (state . C + D x) * silu(z), out_proj. A [d_inner, n] is -exp(A_log), from the caller.
+ * Scratch: u [batch, d_model], xz [batch, 2 d_inner], xc [batch, d_inner],
+ * x_dbl [batch, dt_rank + 2 n], dt [batch, d_inner], y [batch, d_inner]. */
+void mamba1_block_step(const float *hidden, const float *residual, float *residual_out,
+                       const float *norm_w, float norm_eps, float *u, const float *in_w,
+                       const float *in_b, float *xz, float *conv_state, const float *conv_w,
+                       const float *conv_b, float *xc, const float *x_proj_w, float *x_dbl,
+                       const float *dt_proj_w, float *dt, const float *dt_bias, const float *A,
+                       const float *D, float *ssm_state, float *y, const float *out_w,
+                       const float *out_b, float *out, int64_t batch, int64_t d_model,
+                       int64_t d_inner, int64_t dt_rank, int64_t dstate, int64_t width) {
+    FTZ_BEGIN
+    const int64_t n_dbl = dt_rank + 2 * dstate;
+    add_rms_norm(hidden, residual, norm_w, residual_out, u, batch, d_model, norm_eps);
+    gemv(in_w, u, in_b, xz, batch, 2 * d_inner, d_model);
+    for (int64_t b = 0; b < batch; ++b)
+        conv_step(conv_state + b * d_inner * width, xz + b * 2 * d_inner, conv_w, conv_b,
+                  xc + b * d_inner, d_inner, width);
+    gemv(x_proj_w, xc, NULL, x_dbl, batch, n_dbl, d_inner);
+    for (int64_t b = 0; b < batch; ++b)  /* dt_proj reads the first dt_rank entries of each row */
+        gemv_rows(dt_proj_w, x_dbl + b * n_dbl, NULL, dt + b * d_inner, 1, d_inner, dt_rank, 0,
+                  d_inner);
+    for (int64_t b = 0; b < batch; ++b) {
+        const float *Bm = x_dbl + b * n_dbl + dt_rank, *Cm = Bm + dstate;
+        const float *z = xz + b * 2 * d_inner + d_inner, *x = xc + b * d_inner;
+        for (int64_t c = 0; c < d_inner; ++c) {
+            float d = dt[b * d_inner + c] + dt_bias[c];
+            d = d <= 20.0f ? log1pf(expf(d)) : d;
+            float *st = ssm_state + (b * d_inner + c) * dstate;
+            const float *Ac = A + c * dstate;
+            const float dx = d * x[c];
+            float acc = 0.0f;
+            for (int64_t n = 0; n < dstate; ++n) {
+                st[n] = st[n] * expf(d * Ac[n]) + dx * Bm[n];
+                acc += st[n] * Cm[n];
+            }
+            y[b * d_inner + c] = (acc + D[c] * x[c]) * silu(z[c]);
+        }
+    }
+    gemv(out_w, y, out_b, out, batch, d_model, d_inner);
+    FTZ_END
 }

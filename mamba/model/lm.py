@@ -101,7 +101,7 @@ class Block(nn.Module):
 
     def forward(self, hidden, residual, seq_idx=None, cache: InferenceCache | None = None):
         decoding = _decoding(cache)
-        if (decoding and self.kind == MAMBA2 and self.mlp is None and isinstance(self.norm, RMSNorm)
+        if (decoding and self.kind in (MAMBA1, MAMBA2) and self.mlp is None and isinstance(self.norm, RMSNorm)
                 and hidden.shape[1] == 1 and hidden.dtype == torch.float32):
             return self.mixer.block_step(hidden, residual, self.norm.weight, self.norm.eps,
                                          cache.states[self.layer_idx])

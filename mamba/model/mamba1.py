@@ -12,6 +12,7 @@ from kernels import (
     causal_conv1d_fn,
     causal_conv1d_update,
     linear,
+    mamba1_block_step,
     selective_scan_fn,
     selective_state_update,
 )
@@ -80,6 +81,17 @@ class Mamba1(nn.Module):
             cache[1].copy_(last_state)
         return self.out_proj(y.transpose(1, 2))
 
+    def _A(self):
+        """-exp(A_log) in float32; without autograd, kept while A_log is unchanged (decoding asks
+        for it every token, and the exp over [d_inner, d_state] costs as much as a small matmul)."""
+        if torch.is_grad_enabled():
+            return -torch.exp(self.A_log.float())
+        key = (self.A_log.data_ptr(), self.A_log._version, self.A_log.device, self.A_log.dtype)
+        cached = getattr(self, "_A_cache", None)
+        if cached is None or cached[0] != key:
+            cached = self._A_cache = (key, -torch.exp(self.A_log.float()))
+        return cached[1]
+
     def step(self, hidden, cache):
         """One token: hidden [b,1,d_model]; updates cache in place."""
         conv_state, ssm_state = cache
@@ -88,7 +100,15 @@ class Mamba1(nn.Module):
                                  activation="silu")
         dt, B, C = linear(x, self.x_proj.weight).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = linear(dt, self.dt_proj.weight)
-        A = -torch.exp(self.A_log.float())
-        y = selective_state_update(ssm_state, x, dt, A, B, C, self.D, z=z,
+        y = selective_state_update(ssm_state, x, dt, self._A(), B, C, self.D, z=z,
                                    dt_bias=self.dt_proj.bias, dt_softplus=True)
         return linear(y, self.out_proj.weight, self.out_proj.bias).unsqueeze(1)
+
+    def block_step(self, hidden, residual, norm_weight, norm_eps: float, cache):
+        """A pre-norm block around this mixer, one token: (mixer output, hidden + residual)."""
+        conv_state, ssm_state = cache
+        return mamba1_block_step(hidden, residual, norm_weight, norm_eps, self.in_proj.weight,
+                                 self.in_proj.bias, conv_state, ssm_state, self.conv1d.weight.squeeze(1),
+                                 self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight,
+                                 self.dt_proj.bias, self._A(), self.D, self.out_proj.weight,
+                                 self.out_proj.bias)
