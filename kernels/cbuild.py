@@ -105,10 +105,10 @@ def ptr(t: torch.Tensor | None):
     return None if t is None else ctypes.c_void_p(t.data_ptr())
 
 
-def split(total: int, align: int = 1) -> list[tuple[int, int]]:
-    """[0, total) in one contiguous range per thread, boundaries on multiples of `align`."""
-    parts = max(1, min(torch.get_num_threads(), -(-total // align)))
-    step = -(-total // (parts * align)) * align
+def split(total: int) -> list[tuple[int, int]]:
+    """[0, total) in one contiguous range per thread."""
+    parts = max(1, min(torch.get_num_threads(), total))
+    step = -(-total // parts)
     return [(s, min(total, s + step)) for s in range(0, total, step)]
 
 

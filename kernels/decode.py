@@ -143,7 +143,6 @@ def mamba2_block_step(hidden, residual, norm_weight, norm_eps, in_weight, in_bia
     return out.view_as(hidden), res_out.view_as(hidden)
 
 
-
 def mamba1_block_step(hidden, residual, norm_weight, norm_eps, in_weight, in_bias, conv_state, ssm_state,
                       conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_bias, A, D, out_weight,
                       out_bias):

@@ -98,7 +98,6 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
                                         dt_softplus=dt_softplus)
 
 
-
 def _c_decode(*tensors) -> bool:
     return os.environ.get("MAMBA_KERNELS") != "torch" and decode.eligible(*tensors)
 
@@ -214,10 +213,18 @@ def mamba1_block_step(hidden, residual, norm_weight, norm_eps, in_weight, in_bia
             and _c_decode(*tensors)):
         return decode.mamba1_block_step(*tensors[:2], norm_weight, norm_eps, *tensors[3:])
     u, residual = add_rms_norm(hidden, residual, norm_weight, norm_eps)
+    out = mamba1_mixer_step(u, conv_state, ssm_state, *tensors[3:5], *tensors[7:])
+    return out.view_as(hidden), residual
+
+
+def mamba1_mixer_step(u, conv_state, ssm_state, in_weight, in_bias, conv_weight, conv_bias, x_proj_weight,
+                      dt_proj_weight, dt_bias, A, D, out_weight, out_bias=None):
+    """The Mamba-1 mixer for one token, u [b, d_model] or [b, 1, d_model] -> out_proj output [b, d_model];
+    composed of the ops above (the fused block's fallback, and Mamba-1 layers outside it)."""
     x, z = linear(u.reshape(-1, u.shape[-1]), in_weight, in_bias).chunk(2, dim=-1)
     x = causal_conv1d_update(x, conv_state, conv_weight, conv_bias, activation="silu")
     dstate = ssm_state.shape[-1]
     dt, B, C = linear(x, x_proj_weight).split([dt_proj_weight.shape[1], dstate, dstate], dim=-1)
     y = selective_state_update(ssm_state, x, linear(dt, dt_proj_weight), A, B, C, D, z=z, dt_bias=dt_bias,
                                dt_softplus=True)
-    return linear(y, out_weight, out_bias).view_as(hidden), residual
+    return linear(y, out_weight, out_bias)

@@ -243,3 +243,26 @@ def test_mamba1_block_step_matches_float64_over_several_tokens(batch, with_resid
         close(out, out_ref, 1e-4)
         close(ours["conv_state"], ref["conv_state"])
         close(ours["ssm_state"], ref["ssm_state"], 1e-4)
+
+
+def test_mamba1_decay_cache_follows_new_weights():
+    from mamba.model import MambaConfig, MambaLMHeadModel
+
+    torch.manual_seed(0)
+    config = MambaConfig(d_model=32, n_layer=2, vocab_size=50, ssm_cfg={"layer": "Mamba1"})
+    model, fresh = MambaLMHeadModel(config).eval(), MambaLMHeadModel(config).eval()
+    prompt = torch.randint(0, 50, (1, 4))
+
+    def step_logits(m):  # prefill, then one decode step (where -exp(A_log) is cached)
+        with torch.inference_mode():
+            cache = m.allocate_inference_cache(1, 5)
+            m(prompt, inference_params=cache)
+            cache.seqlen_offset = 4
+            return m(prompt[:, -1:], inference_params=cache)
+
+    step_logits(model)  # fills the cache
+    with torch.no_grad():
+        for layer in fresh.backbone.layers:
+            layer.mixer.A_log.mul_(3.0)
+    model.load_state_dict(fresh.state_dict())  # in-place copy into the same tensors
+    close(step_logits(model), step_logits(fresh), 1e-6)

@@ -8,14 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels import (
-    causal_conv1d_fn,
-    causal_conv1d_update,
-    linear,
-    mamba1_block_step,
-    selective_scan_fn,
-    selective_state_update,
-)
+from kernels import causal_conv1d_fn, mamba1_block_step, mamba1_mixer_step, selective_scan_fn
 from kernels.conv1d import fill_conv_state
 from mamba.model.init import init_module
 
@@ -92,23 +85,17 @@ class Mamba1(nn.Module):
             cached = self._A_cache = (key, -torch.exp(self.A_log.float()))
         return cached[1]
 
+    def _step_tensors(self) -> tuple:
+        """(in_proj w, b, conv w, b, x_proj w, dt_proj w, dt bias, A, D, out_proj w, b) for decoding."""
+        return (self.in_proj.weight, self.in_proj.bias, self.conv1d.weight.squeeze(1), self.conv1d.bias,
+                self.x_proj.weight, self.dt_proj.weight, self.dt_proj.bias, self._A(), self.D,
+                self.out_proj.weight, self.out_proj.bias)
+
     def step(self, hidden, cache):
         """One token: hidden [b,1,d_model]; updates cache in place."""
-        conv_state, ssm_state = cache
-        x, z = linear(hidden.squeeze(1), self.in_proj.weight, self.in_proj.bias).chunk(2, dim=-1)
-        x = causal_conv1d_update(x, conv_state, self.conv1d.weight.squeeze(1), self.conv1d.bias,
-                                 activation="silu")
-        dt, B, C = linear(x, self.x_proj.weight).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = linear(dt, self.dt_proj.weight)
-        y = selective_state_update(ssm_state, x, dt, self._A(), B, C, self.D, z=z,
-                                   dt_bias=self.dt_proj.bias, dt_softplus=True)
-        return linear(y, self.out_proj.weight, self.out_proj.bias).unsqueeze(1)
+        return mamba1_mixer_step(hidden, *cache, *self._step_tensors()).unsqueeze(1)
 
     def block_step(self, hidden, residual, norm_weight, norm_eps: float, cache):
         """A pre-norm block around this mixer, one token: (mixer output, hidden + residual)."""
-        conv_state, ssm_state = cache
-        return mamba1_block_step(hidden, residual, norm_weight, norm_eps, self.in_proj.weight,
-                                 self.in_proj.bias, conv_state, ssm_state, self.conv1d.weight.squeeze(1),
-                                 self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight,
-                                 self.dt_proj.bias, self._A(), self.D, self.out_proj.weight,
-                                 self.out_proj.bias)
+        w = self._step_tensors()
+        return mamba1_block_step(hidden, residual, norm_weight, norm_eps, *w[:2], *cache, *w[2:])
