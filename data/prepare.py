@@ -4,6 +4,11 @@ The output folder holds ``train/`` (and ``val/`` unless the validation ratio is 
 MDS dataset with one column ``words`` of DataLayout words plus ``layout.json``, and a
 ``summary.json`` with the counts printed at the end.
 
+Inputs: text, JSONL, Parquet, saved or hub Hugging Face datasets, and (``--mode instruct``)
+SQuAD v1.1 / v2.0 JSON files as published: each question becomes an example whose prompt is
+``Context: PASSAGE\n\n`` followed by the template around the question, and whose target is the
+first gold answer; unanswerable v2 questions are skipped unless ``--unanswerable TEXT``.
+
 Reading and packing run in this process, in input order; tokenization runs in ``num_proc``
 worker processes fed a bounded number of chunks, so memory stays flat for any corpus size.
 """
@@ -24,7 +29,7 @@ from data.errors import DataError
 from data.layout import ShardMeta, choose_layout
 from data.packing import InstructPacker, PackStats, PretrainPacker
 from data.shards import AtomicOutput, SplitWriter, check_upload_target, upload_folder
-from data.sources import BadInputLog, Record, find_sources, iter_records
+from data.sources import BadInputLog, Record, SquadOptions, find_sources, iter_records
 from data.tokenizer import (
     init_worker,
     load_tokenizer,
@@ -39,6 +44,7 @@ TEMPLATES = {
     "alpaca": "### Instruction:\n{input}\n\n### Response:\n",
     "plain": "{input}\n",
 }
+CONTEXT_PREFIX = "Context: {context}\n\n"  # before the templated question, for records with a passage
 CHUNK_DOCS = 512  # documents per tokenization job
 CHUNK_CHARS = 4 << 20  # ...or this many characters, whichever comes first
 
@@ -54,6 +60,7 @@ class PrepareSummary:
     splits: dict[str, PackStats] = field(default_factory=dict)
     skipped_empty: int = 0
     skipped_bad: int = 0
+    skipped_unanswerable: int = 0
     bad_examples: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -82,6 +89,9 @@ class PrepareSummary:
                 lines.append(f"        skipped {s.too_long:,} examples longer than seq_len {self.seq_len}")
         if self.skipped_empty:
             lines.append(f"  skipped {self.skipped_empty:,} empty documents")
+        if self.skipped_unanswerable:
+            lines.append(f"  skipped {self.skipped_unanswerable:,} unanswerable SQuAD questions "
+                         "(--unanswerable TEXT trains them with that answer)")
         if self.skipped_bad:
             lines.append(f"  skipped {self.skipped_bad:,} bad records, e.g. {self.bad_examples[0]}")
         lines.append(f"  time {self.seconds:.1f} s  ({self.tokens_per_second:,.0f} tokens/s)")
@@ -97,6 +107,15 @@ def resolve_template(template: str) -> str:
     return template
 
 
+def format_prompt(template: str, text: str, context: str | None = None) -> str:
+    """A resolved ``template`` around ``text``; a passage (SQuAD's context) comes first.
+
+    SQuAD with the ``qa`` template: ``Context: {context}\n\nQuestion: {question}\nAnswer: ``.
+    """
+    prompt = template.replace("{input}", text)
+    return prompt if context is None else CONTEXT_PREFIX.replace("{context}", context) + prompt
+
+
 def is_val_document(index: int, ratio: float) -> bool:
     """Deterministic, evenly spread choice (golden-ratio hashing); document 0 is always val."""
     return (index * 2654435761) % (1 << 32) < ratio * (1 << 32)
@@ -109,6 +128,7 @@ def prepare(
     *,
     mode: str = "pretrain",
     tokenizer: str = "byte",
+    eos_token: str | None = None,
     text_field: str = "text",
     lines_as_docs: bool = False,
     val_ratio: float = 0.01,
@@ -122,6 +142,7 @@ def prepare(
     shard_size: int = 1 << 26,
     skip_bad: bool = False,
     hf_split: str = "train",
+    unanswerable: str | None = None,
     upload: str | None = None,
     progress: bool = True,
 ) -> PrepareSummary:
@@ -138,7 +159,7 @@ def prepare(
     prompt_format = resolve_template(template) if mode == "instruct" else ""
     sources = find_sources(inputs)
     val_sources = find_sources(val_inputs) if val_inputs else []
-    tok = load_tokenizer(tokenizer)
+    tok = load_tokenizer(tokenizer, eos_token)
     data_layout = choose_layout(layout, tok.vocab_size, seq_len)
     if compression in ("none", ""):
         compression = None
@@ -152,8 +173,9 @@ def prepare(
                              tokenizer=tok.name, vocab_size=tok.vocab_size, seq_len=seq_len)
     split_names = ["train"] + (["val"] if val_sources or val_ratio > 0 else [])
     bad = BadInputLog(skip_bad=skip_bad)
+    squad = SquadOptions(unanswerable=unanswerable)
     read: dict[str, Any] = {"mode": mode, "text_field": text_field, "lines_as_docs": lines_as_docs,
-                            "hf_split": hf_split, "bad": bad}
+                            "hf_split": hf_split, "bad": bad, "squad": squad}
 
     def non_empty(found: Iterator[Record]) -> Iterator[Record]:
         for record in found:
@@ -172,7 +194,8 @@ def prepare(
 
     def apply_template(record: Record) -> Record:
         if isinstance(record, tuple):
-            return prompt_format.replace("{input}", record[0]), record[1]
+            context = record[2] if len(record) > 2 else None
+            return format_prompt(prompt_format, record[0], context), record[1]
         return record
 
     with atomic_output as tmp:
@@ -184,7 +207,7 @@ def prepare(
             writers[name] = SplitWriter(tmp / name, data_layout, meta, compression, shard_size)
         try:
             chunks = _chunks((name, apply_template(r)) for name, r in records())
-            for name, tokenized in _tokenize_all(chunks, tokenizer, tok, num_proc, progress):
+            for name, tokenized in _tokenize_all(chunks, (tok.name, eos_token), tok, num_proc, progress):
                 writers[name].write(packers[name].add(tokenized))
             for name in split_names:
                 writers[name].write(packers[name].finish())
@@ -199,6 +222,7 @@ def prepare(
                 writer.abort()
             raise
         summary.skipped_bad, summary.bad_examples = bad.count, bad.examples
+        summary.skipped_unanswerable = squad.skipped
         summary.seconds = time.perf_counter() - started
         (tmp / "summary.json").write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
     if upload:
@@ -231,8 +255,8 @@ def _chunks(records: Iterator[tuple[str, Record]]) -> Iterator[tuple[str, list[R
             yield name, bucket
 
 
-def _tokenize_all(chunks: Iterator[tuple[str, list[Record]]], tokenizer_name: str, tok: Any, num_proc: int,
-                  progress: bool) -> Iterator[tuple[str, list[Any]]]:
+def _tokenize_all(chunks: Iterator[tuple[str, list[Record]]], tokenizer_spec: tuple[str, str | None],
+                  tok: Any, num_proc: int, progress: bool) -> Iterator[tuple[str, list[Any]]]:
     """Tokenize chunks in order, in ``num_proc`` processes with at most 2 jobs each in flight."""
     from tqdm import tqdm
 
@@ -247,7 +271,7 @@ def _tokenize_all(chunks: Iterator[tuple[str, list[Record]]], tokenizer_name: st
     # and before the shard writers' threads, and the parent has not run the tokenizer yet.
     share_with_workers(tok)
     context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
-    with context.Pool(num_proc, initializer=init_worker, initargs=(tokenizer_name,)) as pool, \
+    with context.Pool(num_proc, initializer=init_worker, initargs=tokenizer_spec) as pool, \
             tqdm(unit=" docs", disable=not progress, file=sys.stderr, mininterval=1.0) as bar:
         in_flight: deque[tuple[str, int, Any]] = deque()
         for name, chunk in chunks:
@@ -273,7 +297,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, metavar="DIR", help="output folder (gets train/ and val/)")
     p.add_argument("--seq-len", type=int, required=True, help="tokens per row")
     p.add_argument("--mode", choices=MODES, default="pretrain")
-    p.add_argument("--tokenizer", default="byte", help="'byte' (built in, offline) or a HF name or folder")
+    p.add_argument("--tokenizer", default="byte",
+                   help="'byte' (built in, offline), a HF name or folder, a SentencePiece .model file, "
+                        "a tokenizer.json, or a folder holding one of these")
+    p.add_argument("--eos-token", metavar="TOKEN",
+                   help="the end-of-document token (or id), where the tokenizer names none or another")
     p.add_argument("--text-field", default="text", help="JSONL/Parquet/dataset field holding the text")
     p.add_argument("--lines-as-docs", action="store_true", help="text files: one document per line")
     split = p.add_mutually_exclusive_group()
@@ -283,7 +311,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pack", action=argparse.BooleanOptionalAction, default=True,
                    help="instruct: several examples per row (else one per row, padded)")
     p.add_argument("--template", default="qa", help=f"instruct prompt: {', '.join(TEMPLATES)} or a string "
-                   "with {input}; the answer follows it")
+                   "with {input}; the answer follows it. A SQuAD file's question is {input}, its passage "
+                   "goes before: 'Context: PASSAGE\\n\\n'")
+    p.add_argument("--unanswerable", metavar="TEXT",
+                   help="SQuAD v2: train unanswerable questions with this answer (default: skip them)")
     p.add_argument("--num-proc", type=int, default=1, help="tokenizer processes")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.add_argument("--layout", choices=("auto", "int32", "int64"), default="auto")
@@ -301,6 +332,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         summary = prepare(
             args.input, args.output, args.seq_len, mode=args.mode, tokenizer=args.tokenizer,
+            eos_token=args.eos_token, unanswerable=args.unanswerable,
             text_field=args.text_field, lines_as_docs=args.lines_as_docs,
             val_ratio=0.0 if args.val_input else args.val_ratio, val_inputs=args.val_input, pack=args.pack,
             template=args.template, num_proc=args.num_proc, overwrite=args.overwrite, layout=args.layout,

@@ -11,11 +11,11 @@ import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 from data.errors import DataError
 
-Record = str | tuple[str, str]  # a document's text, or (prompt input, answer)
+Record = str | tuple[str, str]  # a document's text, or (prompt input, answer), or an Example
 
 HF_PREFIX = "hf:"  # "hf:NAME" loads a hub dataset by name (needs the network)
 JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".ndjson")
@@ -44,10 +44,32 @@ class BadInputLog:
             self.examples.append(message)
 
 
+class Example(NamedTuple):
+    """An instruction record whose prompt shows a passage before the question (SQuAD)."""
+
+    input: str
+    output: str
+    context: str
+
+
+@dataclass
+class SquadOptions:
+    """What instruct mode does with SQuAD v2 questions that have no answer in their passage."""
+
+    unanswerable: str | None = None  # the answer to train them with; None skips them
+    skipped: int = 0
+
+
 @dataclass(frozen=True)
 class Source:
     kind: str  # "text" | "jsonl" | "parquet" | "hf_disk" | "hf_hub"
     path: str
+
+
+def describe_json_error(err: json.JSONDecodeError) -> str:
+    """``invalid JSON: <what> at column N``; the caller names the file and line (``err.lineno``)."""
+    what = err.msg.removesuffix(" at")  # json's messages for strings already end in "at"
+    return f"invalid JSON: {what} at column {err.colno}"
 
 
 def find_sources(paths: Iterable[str]) -> list[Source]:
@@ -96,16 +118,26 @@ def iter_records(
     lines_as_docs: bool = False,
     hf_split: str = "train",
     bad: BadInputLog | None = None,
+    squad: SquadOptions | None = None,
 ) -> Iterator[Record]:
-    """Yield documents (pretrain) or ``(input, output)`` pairs (instruct) from all sources."""
+    """Yield documents (pretrain) or ``(input, output)`` pairs (instruct) from all sources.
+
+    A ``.json`` file in the SQuAD format yields an :class:`Example` per question (see
+    :func:`load_squad`); ``squad`` says what becomes of unanswerable ones and counts skips.
+    """
     bad = bad or BadInputLog()
+    squad = squad or SquadOptions()
     for source in sources:
         if source.kind == "text":
             if mode != "pretrain":
                 raise InputError(f"{source.path}: instruction mode reads JSONL, Parquet or datasets")
             yield from _iter_text(source.path, lines_as_docs, bad)
         elif source.kind == "jsonl":
-            yield from _iter_jsonl(source.path, mode, text_field, bad)
+            document = load_squad(source.path)
+            if document is not None:
+                yield from _squad_examples(source.path, document, mode, squad, bad)
+            else:
+                yield from _iter_jsonl(source.path, mode, text_field, bad)
         elif source.kind == "parquet":
             rows = _parquet_rows(source.path, _wanted_columns(mode, text_field))
             yield from _iter_rows(source.path, rows, mode, text_field, bad)
@@ -154,7 +186,7 @@ def _iter_jsonl(path: str, mode: str, text_field: str, bad: BadInputLog) -> Iter
                 obj = json.loads(line)
             except json.JSONDecodeError as err:
                 hint = " (a JSON array? convert the file to JSON Lines)" if line.lstrip()[:1] == "[" else ""
-                bad.report(f"{where}: invalid JSON: {err.msg} at column {err.colno}{hint}")
+                bad.report(f"{where}: {describe_json_error(err)}{hint}")
                 continue
             record = _record_from(obj, mode, text_field, where, bad)
             if record is not None:
@@ -237,3 +269,95 @@ def _hf_rows(source: Source, split: str) -> Iterator[dict[str, Any]]:
         loaded = loaded[split]
     return iter(loaded)
 
+
+
+# --- SQuAD v1.1 / v2.0: one JSON document, data -> paragraphs -> qas -------------------------
+@dataclass(frozen=True)
+class SquadQuestion:
+    id: str
+    context: str
+    question: str
+    answers: tuple[str, ...]  # gold answer texts (dev sets have several per question)
+    impossible: bool  # v2.0 ``is_impossible``: the passage holds no answer
+
+
+def is_squad(obj: Any) -> bool:
+    data = obj.get("data") if isinstance(obj, dict) else None
+    if not isinstance(data, list):
+        return False
+    return (isinstance(data[0], dict) and "paragraphs" in data[0]) if data else "version" in obj
+
+
+def load_squad(path: str | Path) -> dict[str, Any] | None:
+    """The parsed file if ``path`` is a SQuAD-format JSON document, else None (JSON Lines).
+
+    The official files hold the whole document on one line; a pretty-printed one (first line
+    ``{``) is read whole too. Any other multi-line JSON document is an error.
+    """
+    path = str(path)
+    with _open_binary(path) as f:
+        first = f.readline()
+        if first.strip() not in (b"{", b"\xef\xbb\xbf{"):
+            try:
+                obj = json.loads(first.decode("utf-8-sig"))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                return None  # the JSON Lines reader reports it
+            return obj if is_squad(obj) else None
+        raw = first + f.read()
+    try:
+        obj = json.loads(raw.decode("utf-8-sig"))
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise InputError(f"{path}:{line}: undecodable bytes (not UTF-8)") from None
+    except json.JSONDecodeError as err:
+        raise InputError(f"{path}:{err.lineno}: {describe_json_error(err)}") from None
+    if not is_squad(obj):
+        raise InputError(f"{path}: one JSON document over several lines: give JSON Lines (one object per "
+                         "line) or a SQuAD file (data -> paragraphs -> qas)")
+    return obj
+
+
+def iter_squad(path: str | Path, document: dict[str, Any], bad: BadInputLog) -> Iterator[SquadQuestion]:
+    """Every question of a SQuAD document; a malformed entry is reported by its place in the file."""
+    for a, article in enumerate(document["data"]):
+        paragraphs = article.get("paragraphs") if isinstance(article, dict) else None
+        if not isinstance(paragraphs, list):
+            bad.report(f"{path}: data[{a}]: needs 'paragraphs' (a list)")
+            continue
+        for p, paragraph in enumerate(paragraphs):
+            where = f"{path}: data[{a}].paragraphs[{p}]"
+            context = paragraph.get("context") if isinstance(paragraph, dict) else None
+            qas = paragraph.get("qas") if isinstance(paragraph, dict) else None
+            if not isinstance(context, str) or not isinstance(qas, list):
+                bad.report(f"{where}: needs 'context' (a string) and 'qas' (a list)")
+                continue
+            for q, qa in enumerate(qas):
+                question = _squad_question(qa, context, f"{where}.qas[{q}]", bad)
+                if question is not None:
+                    yield question
+
+
+def _squad_question(qa: Any, context: str, where: str, bad: BadInputLog) -> SquadQuestion | None:
+    qa = qa if isinstance(qa, dict) else {}
+    question, answers = qa.get("question"), qa.get("answers", [])
+    if (not isinstance(question, str) or not isinstance(answers, list)
+            or not all(isinstance(x, dict) and isinstance(x.get("text"), str) for x in answers)):
+        bad.report(f"{where}: needs 'question' (a string) and 'answers' (a list of {{text, answer_start}})")
+        return None
+    impossible = bool(qa.get("is_impossible", False))
+    if not answers and not impossible:
+        bad.report(f"{where}: no answers, and not marked is_impossible")
+        return None
+    where_id = qa.get("id", where.rsplit(": ", 1)[-1])
+    return SquadQuestion(str(where_id), context, question, tuple(x["text"] for x in answers), impossible)
+
+
+def _squad_examples(path: str, document: dict[str, Any], mode: str, squad: SquadOptions,
+                    bad: BadInputLog) -> Iterator[Record]:
+    if mode != "instruct":
+        raise InputError(f"{path}: a SQuAD file holds questions and answers: use --mode instruct")
+    for q in iter_squad(path, document, bad):
+        if q.impossible and squad.unanswerable is None:
+            squad.skipped += 1
+            continue
+        yield Example(q.question, squad.unanswerable if q.impossible else q.answers[0], q.context)

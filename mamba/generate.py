@@ -23,6 +23,7 @@ from typing import Any, TextIO
 import torch
 
 from data.errors import DataError
+from data.sources import describe_json_error
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 PROMPT_KEYS = ("input", "prompt", "text")
@@ -47,7 +48,7 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as err:
-                raise UsageError(f"{where}: invalid JSON: {err.msg} at column {err.colno}") from None
+                raise UsageError(f"{where}: {describe_json_error(err)}") from None
             if not isinstance(obj, dict):
                 raise UsageError(f"{where}: expected a JSON object, got {type(obj).__name__}")
             yield where, obj
