@@ -15,8 +15,7 @@ from torchmetrics import Metric
 from mamba.model import MambaConfig, MambaLMHeadModel
 from mamba.model.flops import training_flops
 from mamba.model.lm import Block
-
-IGNORE_INDEX = -100
+from mamba.model.loss import IGNORE_INDEX, LMLoss
 
 
 class TokenAccuracy(Metric):
@@ -29,7 +28,11 @@ class TokenAccuracy(Metric):
         self.add_state("correct", default=torch.tensor(0), dist_reduce_fx="sum")
         self.add_state("total", default=torch.tensor(0), dist_reduce_fx="sum")
 
-    def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+    def update(self, logits: torch.Tensor | LMLoss, labels: torch.Tensor) -> None:
+        if isinstance(logits, LMLoss):  # a training step's counts: no logits were kept
+            self.correct += logits.n_correct
+            self.total += logits.n_tokens
+            return
         mask = labels != IGNORE_INDEX
         self.correct += ((logits.argmax(-1) == labels) & mask).sum()
         self.total += mask.sum()
@@ -72,13 +75,19 @@ class ComposerMamba(ComposerModel):
                              "LanguagePerplexity": LanguagePerplexity(ignore_index=IGNORE_INDEX),
                              "TokenAccuracy": TokenAccuracy()}
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | LMLoss:
+        """Training (train mode, labels given): the loss and metric counts as an LMLoss, computed
+        without ever holding [tokens, vocab] logits. Otherwise logits over the real vocabulary."""
+        if self.training and "labels" in batch:
+            return self.model(batch["input_ids"], seq_idx=batch.get("seq_idx"), labels=batch["labels"])
         logits = self.model(batch["input_ids"], seq_idx=batch.get("seq_idx"))
         return logits[..., :self.config.vocab_size]
 
-    def loss(self, outputs: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def loss(self, outputs: torch.Tensor | LMLoss, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Mean cross entropy over the positions whose label is not -100."""
-        labels = batch["labels"]
+        if isinstance(outputs, LMLoss):
+            return outputs.loss
+        labels = batch["labels"]  # logits from an eval-mode forward
         return F.cross_entropy(outputs.float().reshape(-1, outputs.shape[-1]), labels.reshape(-1),
                                ignore_index=IGNORE_INDEX)
 
@@ -90,6 +99,15 @@ class ComposerMamba(ComposerModel):
 
     def update_metric(self, batch, outputs, metric: Metric) -> None:
         labels = batch["labels"]
+        if isinstance(outputs, LMLoss):  # after a training step (Composer's train metrics)
+            if isinstance(metric, LanguageCrossEntropy):
+                metric.sum_loss += outputs.loss_sum
+                metric.total_items += outputs.n_tokens
+            elif isinstance(metric, TokenAccuracy):
+                metric.update(outputs, labels)
+            else:
+                raise TypeError(f"{type(metric).__name__} needs logits; a training step keeps none")
+            return
         if isinstance(metric, TokenAccuracy):
             metric.update(outputs, labels)
         else:

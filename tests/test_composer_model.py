@@ -25,11 +25,27 @@ def batch():
 def test_loss_is_mean_over_labelled_tokens_and_logits_drop_vocab_padding():
     model = ComposerMamba(config())
     b = batch()
+    train_out = model(b)  # training: the chunked loss, no logits
+    model.eval()
     out = model(b)
     assert out.shape == (2, 12, 50)  # padded vocab (56) cut back to 50
     mask = b["labels"] != -100
     manual = F.cross_entropy(out[mask], b["labels"][mask])
     assert torch.allclose(model.loss(out, b), manual)
+    assert torch.allclose(model.loss(train_out, b), manual)
+
+
+def test_train_metrics_from_a_training_step_equal_those_from_logits():
+    model = ComposerMamba(config())
+    b = batch()
+    train_out = model.eval_forward(b, model(b))
+    model.eval()
+    logits = model.eval_forward(b)
+    for name in ("LanguageCrossEntropy", "TokenAccuracy"):
+        from_step, from_logits = (model.get_metrics(is_train=True)[name].clone() for _ in range(2))
+        model.update_metric(b, train_out, from_step)
+        model.update_metric(b, logits, from_logits)
+        assert torch.allclose(from_step.compute(), from_logits.compute()), name
 
 
 def test_token_accuracy_counts_only_labelled_positions():

@@ -16,6 +16,7 @@ from kernels import add_rms_norm, linear
 from mamba.model.attention import Attention
 from mamba.model.config import ATTENTION, MAMBA1, MAMBA2, MLP, MambaConfig
 from mamba.model.init import init_module
+from mamba.model.loss import linear_cross_entropy
 from mamba.model.mamba1 import Mamba1
 from mamba.model.mamba2 import Mamba2
 from mamba.model.mlp import MLP as MLPLayer
@@ -184,8 +185,12 @@ class MambaLMHeadModel(nn.Module):
 
     # ---- forward -------------------------------------------------------------------------
     def forward(self, input_ids, seq_idx=None, inference_params: InferenceCache | None = None,
-                num_last_tokens: int = 0):
-        """input_ids [b,l] -> logits [b,l,padded_vocab]. seq_idx [b,l] separates packed documents."""
+                num_last_tokens: int = 0, labels=None):
+        """input_ids [b,l] -> logits [b,l,padded_vocab]. seq_idx [b,l] separates packed documents.
+
+        With labels [b,l] (-100 where there is no target): the mean cross entropy over the real
+        vocabulary (padding rows excluded) as an LMLoss, computed in chunks so that the
+        [b*l, vocab] logits never exist (mamba.model.loss)."""
         hidden = self.backbone.embedding(input_ids)
         residual = None
         for layer in self.backbone.layers:
@@ -198,6 +203,9 @@ class MambaLMHeadModel(nn.Module):
             hidden = norm_f(residual.to(norm_f.weight.dtype))
         if num_last_tokens > 0:
             hidden = hidden[:, -num_last_tokens:]
+        if labels is not None:
+            return linear_cross_entropy(hidden, self.lm_head.weight, labels, bias=self.lm_head.bias,
+                                        vocab_size=self.config.vocab_size)
         if inference_params is not None:  # generation: a few rows, no autograd
             return linear(hidden, self.lm_head.weight, self.lm_head.bias)
         return self.lm_head(hidden)
