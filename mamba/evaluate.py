@@ -1,11 +1,18 @@
 """Score a saved model: ``python -m mamba.evaluate {qa,perplexity} MODEL_DIR ...``.
 
 ``qa``: generate an answer for every record of a test JSONL ({input, output}, also {prompt,
-response}; ``answers`` or a list-valued ``output`` gives several references), write the
-predictions as JSONL ({input, pred, label, exact_match, f1, rouge_l}) and the means as a
-JSON score file: exact match, token F1 (SQuAD normalisation, best reference) and ROUGE-L,
-each x100. Prompts use data.prepare's instruct template (``--template``, default ``qa``),
-the format a ``--mode instruct`` fine-tune was trained on.
+response}; ``answers`` or a list-valued ``output`` gives several references) or of a SQuAD
+v1.1 / v2.0 JSON file (every gold answer is a reference), write the predictions as JSONL
+({id?, input, pred, label, exact_match, f1, rouge_l}) and the means as a JSON score file:
+exact match, token F1 (the official SQuAD normalisation, best reference) and ROUGE-L, each
+x100. Prompts use data.prepare's instruct prompt (``--template``, default ``qa``; a SQuAD
+passage goes before it), the format a ``--mode instruct`` fine-tune was trained on.
+Unanswerable SQuAD v2 questions are left out unless ``--unanswerable TEXT``: then their
+reference is the empty answer, and a prediction that normalises to TEXT counts as empty.
+
+``qa --score PREDICTIONS`` scores an existing file without a model: our predictions JSONL
+({pred, label}), or with ``--data GOLD`` rows {id, pred} or the official SQuAD predictions
+JSON ({id: answer}) matched by id to GOLD's questions.
 
 ``perplexity``: mean cross entropy over the labelled tokens of an MDS split written by
 data.prepare (answer tokens only for instruct shards), and its exponential.
@@ -28,6 +35,7 @@ from typing import Any
 import torch
 
 from data.errors import DataError
+from data.sources import BadInputLog, iter_squad, load_squad
 from mamba.generate import (
     SamplingOptions,
     UsageError,
@@ -44,7 +52,7 @@ from mamba.generate import (
     run_cli,
     sampling_options,
 )
-from mamba.qa_metrics import exact_match, rouge_l, score_all, token_f1
+from mamba.qa_metrics import exact_match, normalize_answer, rouge_l, score_all, token_f1
 
 INPUT_KEYS = ("input", "prompt")
 REFERENCE_KEYS = ("answers", "output", "response")
@@ -55,10 +63,21 @@ class QARecord:
     input: str
     references: list[str]
     label: str | list[str]  # as written in the file, echoed into the predictions
+    context: str | None = None  # a passage shown before the question (SQuAD)
+    id: str | None = None
+    impossible: bool = False  # SQuAD v2: no answer in the passage (reference: the empty answer)
 
 
 def read_qa_records(path: str | Path, limit: int | None = None) -> list[QARecord]:
     """Every record checked (a bad line anywhere is an error), the first ``limit`` kept."""
+    if not Path(path).is_file():
+        raise UsageError(f"{path}: file not found")
+    squad = load_squad(path)
+    if squad is not None:
+        records = [_squad_record(q) for q in iter_squad(path, squad, BadInputLog())]
+        if not records:
+            raise UsageError(f"{path}: no questions")
+        return records[:limit] if limit else records
     records = []
     for where, obj in iter_jsonl(path):
         question = pick_field(obj, INPUT_KEYS, where)
@@ -76,17 +95,37 @@ def read_qa_records(path: str | Path, limit: int | None = None) -> list[QARecord
     return records[:limit] if limit else records
 
 
+def _squad_record(q) -> QARecord:
+    # The official evaluation drops golds that normalise to nothing; none left = no answer.
+    golds = [] if q.impossible else [a for a in q.answers if normalize_answer(a)]
+    return QARecord(q.question, golds or [""], list(q.answers), q.context, q.id, q.impossible or not golds)
+
+
+def as_scored(prediction: str, no_answer: str | None) -> str:
+    """The prediction as scored: one that normalises to ``no_answer`` is the empty answer."""
+    if no_answer is not None and normalize_answer(prediction) == normalize_answer(no_answer):
+        return ""
+    return prediction
+
+
+def score_rows(preds: Sequence[str], records: Sequence[QARecord],
+               no_answer: str | None = None) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """Prediction rows and the mean scores x100 of ``preds`` against ``records``."""
+    scored = [as_scored(p, no_answer) for p in preds]
+    rows = [{**({"id": r.id} if r.id is not None else {}), "input": r.input, "pred": p, "label": r.label,
+             "exact_match": exact_match(s, r.references), "f1": token_f1(s, r.references),
+             "rouge_l": rouge_l(s, r.references)}
+            for r, p, s in zip(records, preds, scored, strict=True)]
+    return rows, score_all(scored, [r.references for r in records])
+
+
 def evaluate_qa(model, tok, records: Sequence[QARecord], options: SamplingOptions, *,
-                template: str | None = "qa", batch_size: int = 16,
-                stops: Sequence[str] = ()) -> tuple[list[dict[str, Any]], dict[str, float]]:
+                template: str | None = "qa", batch_size: int = 16, stops: Sequence[str] = (),
+                no_answer: str | None = None) -> tuple[list[dict[str, Any]], dict[str, float]]:
     """(prediction rows, scores x100) for ``records``."""
-    prompts = [apply_template(template, r.input) for r in records]
+    prompts = [apply_template(template, r.input, r.context) for r in records]
     preds = [cut_at_stop(p, stops).strip() for p in generate_texts(model, tok, prompts, options, batch_size)]
-    rows = [{"input": r.input, "pred": p, "label": r.label,
-             "exact_match": exact_match(p, r.references), "f1": token_f1(p, r.references),
-             "rouge_l": rouge_l(p, r.references)}
-            for r, p in zip(records, preds, strict=True)]
-    return rows, score_all(preds, [r.references for r in records])
+    return score_rows(preds, records, no_answer)
 
 
 @torch.inference_mode()
@@ -124,13 +163,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="task", required=True)
     qa = sub.add_parser("qa", help="generate answers for a test JSONL; exact match, F1, ROUGE-L",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_model_arguments(qa)
-    qa.add_argument("--data", required=True, metavar="FILE", help="test JSONL {input, output}")
+    add_model_arguments(qa, optional=True)
+    qa.add_argument("--data", metavar="FILE",
+                    help="test JSONL {input, output} or a SQuAD v1.1/v2.0 JSON file")
+    qa.add_argument("--score", metavar="PREDICTIONS",
+                    help="score this predictions file instead of running a model: JSONL {pred, label}; "
+                         "with --data, rows {id, pred} or a SQuAD predictions JSON {id: answer}")
+    qa.add_argument("--unanswerable", metavar="TEXT",
+                    help="keep SQuAD v2's unanswerable questions (default: leave them out); a prediction "
+                         "equal to TEXT after normalisation means 'no answer' (\"\" for official files)")
     qa.add_argument("--template", default="qa", help="data.prepare instruct template (name or string)")
     qa.add_argument("--limit", type=int, default=None, help="score only the first N records")
     qa.add_argument("--predictions", metavar="FILE",
-                    help="predictions JSONL (default: OUT/predictions.jsonl)")
-    qa.add_argument("--scores", metavar="FILE", help="scores JSON (default: OUT/scores.json)")
+                    help="where to write the predictions JSONL (default: OUT/predictions.jsonl)")
+    qa.add_argument("--scores", metavar="FILE",
+                    help="scores JSON (default: OUT/scores.json; with --score only if given)")
     qa.add_argument("--out", default=None, metavar="DIR", help="folder for both (default: MODEL/eval)")
     add_sampling_arguments(qa, max_new_tokens=32)
     ppl = sub.add_parser("perplexity", help="mean loss and perplexity over an MDS split",
@@ -149,18 +196,39 @@ def _write_json(path: Path, value: Any) -> None:
     path.write_text(json.dumps(value, indent=2) + "\n")
 
 
+def _answerable(records: list[QARecord], no_answer: str | None) -> tuple[list[QARecord], int]:
+    """Without ``--unanswerable``, SQuAD v2's unanswerable questions are left out (and counted)."""
+    if no_answer is not None:
+        return records, 0
+    kept = [r for r in records if not r.impossible]
+    return kept, len(records) - len(kept)
+
+
+def _print_scores(what: str, scores: dict[str, Any], skipped: int, tail: str = "") -> None:
+    note = f"  ({skipped} unanswerable left out; --unanswerable TEXT keeps them)" if skipped else ""
+    print(f"{what}: {scores['count']} items  exact_match {scores['exact_match']:.2f}  "
+          f"f1 {scores['f1']:.2f}  rouge_l {scores['rouge_l']:.2f}{tail}{note}")
+
+
 def run_qa(args: argparse.Namespace) -> dict[str, Any]:
+    if args.score:
+        return run_score(args)
+    if args.model is None or args.data is None:
+        raise UsageError("qa needs MODEL and --data FILE (or --score PREDICTIONS to score a file)")
     check_model_folder(args.model)
     records = read_qa_records(args.data, args.limit)  # input errors before the model loads
+    records, skipped = _answerable(records, args.unanswerable)
+    if not records:
+        raise UsageError(f"{args.data}: every question is unanswerable; pass --unanswerable TEXT")
     try:
         apply_template(args.template, "")
     except DataError as err:
         raise UsageError(f"--template: {err}") from None
     model = load_model(args.model, args.device, args.dtype)
-    tok = load_tokenizer_for(args.model, args.tokenizer, model.config.vocab_size)
+    tok = load_tokenizer_for(args.model, args.tokenizer, model.config.vocab_size, args.eos_token)
     started = time.perf_counter()
     rows, scores = evaluate_qa(model, tok, records, sampling_options(args), template=args.template,
-                               batch_size=args.batch_size, stops=args.stop)
+                               batch_size=args.batch_size, stops=args.stop, no_answer=args.unanswerable)
     out = Path(args.out) if args.out else Path(args.model) / "eval"
     predictions = Path(args.predictions) if args.predictions else out / "predictions.jsonl"
     predictions.parent.mkdir(parents=True, exist_ok=True)
@@ -169,10 +237,87 @@ def run_qa(args: argparse.Namespace) -> dict[str, Any]:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     result = {**scores, "model": str(args.model), "data": str(args.data), "template": args.template,
               "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
+              "unanswerable": args.unanswerable, "skipped_unanswerable": skipped,
               "seconds": round(time.perf_counter() - started, 2), "predictions": str(predictions)}
     _write_json(Path(args.scores) if args.scores else out / "scores.json", result)
-    print(f"{args.data}: {scores['count']} items  exact_match {scores['exact_match']:.2f}  "
-          f"f1 {scores['f1']:.2f}  rouge_l {scores['rouge_l']:.2f}  (predictions: {predictions})")
+    _print_scores(str(args.data), scores, skipped, f"  (predictions: {predictions})")
+    return result
+
+
+def _squad_predictions(path: str | Path) -> dict[str, Any] | None:
+    """The file's object if it is one JSON object of predictions by id (not a row with 'pred')."""
+    try:
+        whole = json.loads(Path(path).read_text(encoding="utf-8-sig"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return whole if isinstance(whole, dict) and "pred" not in whole else None
+
+
+def read_prediction_map(path: str | Path) -> dict[str, str]:
+    """``{id: prediction}`` from a SQuAD predictions JSON or from JSONL rows {id, pred}."""
+    whole = _squad_predictions(path)
+    if whole is not None:
+        wrong = next((k for k, v in whole.items() if not isinstance(v, str)), None)
+        if wrong is not None:
+            raise UsageError(f"{path}: the prediction for id {wrong!r} must be a string")
+        return whole
+    found = {}
+    for where, row in iter_jsonl(path):
+        if "id" not in row:
+            raise UsageError(f"{where}: missing field 'id' (matches the row to a question of --data)")
+        found[str(row["id"])] = pick_field(row, ("pred",), where)
+    return found
+
+
+def read_prediction_rows(path: str | Path) -> tuple[list[str], list[QARecord]]:
+    """Predictions and their records from our predictions JSONL ({pred, label})."""
+    if _squad_predictions(path) is not None:
+        raise UsageError(f"{path}: predictions by id ({{id: answer}}): give the questions with --data GOLD")
+    preds, records = [], []
+    for where, row in iter_jsonl(path):
+        pred = pick_field(row, ("pred",), where)
+        label = row.get("label")
+        golds = [label] if isinstance(label, str) else label
+        if not isinstance(golds, list) or not all(isinstance(g, str) for g in golds):
+            raise UsageError(f"{where}: field 'label' must be a string or a list of strings (the "
+                             "references); or give --data with the questions")
+        refs = [g for g in golds if normalize_answer(g)]  # as read_qa_records does for SQuAD
+        records.append(QARecord(str(row.get("input", "")), refs or [""], label, id=row.get("id"),
+                                impossible=golds == []))  # a SQuAD v2 question without answers
+        preds.append(pred)
+    if not records:
+        raise UsageError(f"{path}: no predictions")
+    return preds, records
+
+
+def run_score(args: argparse.Namespace) -> dict[str, Any]:
+    """``--score``: no model, only a predictions file (and the questions, with --data)."""
+    if args.model is not None:
+        raise UsageError(f"--score scores an existing file: drop the model argument {args.model!r}")
+    if not Path(args.score).is_file():
+        raise UsageError(f"{args.score}: file not found")
+    if args.data:
+        records = read_qa_records(args.data)
+        by_id = read_prediction_map(args.score)
+        missing = [r.id for r in records if r.id not in by_id]
+        if any(r.id is None for r in records) or missing:
+            first = missing[0] if missing else "(the file has no ids)"
+            raise UsageError(f"{args.score}: no prediction for {len(missing) or len(records)} question(s) of "
+                             f"{args.data}, e.g. {first}")
+        preds = [by_id[str(r.id)] for r in records]
+    else:
+        preds, records = read_prediction_rows(args.score)
+    pred_of = {id(r): p for r, p in zip(records, preds, strict=True)}
+    kept, skipped = _answerable(records, args.unanswerable)
+    preds = [pred_of[id(r)] for r in kept]
+    if not kept:
+        raise UsageError(f"{args.score}: every question is unanswerable; pass --unanswerable TEXT")
+    _, scores = score_rows(preds, kept, args.unanswerable)
+    result = {**scores, "predictions": str(args.score), "data": args.data, "unanswerable": args.unanswerable,
+              "skipped_unanswerable": skipped}
+    if args.scores:
+        _write_json(Path(args.scores), result)
+    _print_scores(str(args.score), scores, skipped)
     return result
 
 

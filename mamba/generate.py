@@ -25,7 +25,6 @@ import torch
 from data.errors import DataError
 from data.sources import describe_json_error
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 PROMPT_KEYS = ("input", "prompt", "text")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -75,13 +74,12 @@ def read_prompts(path: str | Path) -> list[str]:
     return [line.rstrip("\r\n") for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def apply_template(template: str | None, text: str) -> str:
-    """data.prepare's instruction template (the same function, so the formats cannot drift)."""
-    if not template:
-        return text
-    from data.prepare import resolve_template
+def apply_template(template: str | None, text: str, context: str | None = None) -> str:
+    """data.prepare's instruction prompt (the same functions, so the formats cannot drift);
+    ``context`` is a passage shown before the question (SQuAD)."""
+    from data.prepare import format_prompt, resolve_template
 
-    return resolve_template(template).replace("{input}", text)
+    return format_prompt(resolve_template(template) if template else "{input}", text, context)
 
 
 # ---- model and tokenizer --------------------------------------------------------------------
@@ -119,14 +117,16 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def load_tokenizer_for(model_dir: str | Path, name: str | None, vocab_size: int):
-    """``name`` if given; else the model folder's own tokenizer files; else the byte tokenizer."""
-    from data.tokenizer import load_tokenizer
+def load_tokenizer_for(model_dir: str | Path, name: str | None, vocab_size: int,
+                       eos_token: str | None = None):
+    """``name`` if given; else the model folder's own tokenizer files (Hugging Face files, a
+    tokenizer.json or a SentencePiece .model); else the byte tokenizer."""
+    from data.tokenizer import load_tokenizer, tokenizer_files
 
     if name is None:
         folder = Path(model_dir)
-        name = str(folder.absolute()) if any((folder / f).is_file() for f in TOKENIZER_FILES) else "byte"
-    tok = load_tokenizer(name)
+        name = str(folder.absolute()) if tokenizer_files(folder) else "byte"
+    tok = load_tokenizer(name, eos_token)
     if tok.vocab_size > vocab_size:
         raise UsageError(f"tokenizer {tok.name!r} has {tok.vocab_size} tokens but the model only "
                          f"{vocab_size}: pass the model's tokenizer with --tokenizer")
@@ -230,11 +230,14 @@ class _TextStreamer:
 
 
 # ---- command line ---------------------------------------------------------------------------
-def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="save_pretrained / converted folder (config.json + weights)")
+def add_model_arguments(p: argparse.ArgumentParser, optional: bool = False) -> None:
+    p.add_argument("model", nargs="?" if optional else None,
+                   help="save_pretrained / converted folder (config.json + weights)")
     p.add_argument("--tokenizer", default=None,
-                   help="'byte', a HF tokenizer name or folder (default: the model folder's tokenizer "
-                        "files if it has them, else 'byte')")
+                   help="'byte', a HF tokenizer name or folder, a SentencePiece .model, a tokenizer.json "
+                        "(default: the model folder's tokenizer files if it has them, else 'byte')")
+    p.add_argument("--eos-token", metavar="TOKEN",
+                   help="the tokenizer's end token (or id), where it names none or another")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 or auto")
     p.add_argument("--dtype", default="float32", choices=tuple(DTYPES))
 
@@ -284,7 +287,7 @@ def run(args: argparse.Namespace, stdout: TextIO) -> None:
     except DataError as err:
         raise UsageError(f"--template: {err}") from None
     model = load_model(args.model, args.device, args.dtype)
-    tok = load_tokenizer_for(args.model, args.tokenizer, model.config.vocab_size)
+    tok = load_tokenizer_for(args.model, args.tokenizer, model.config.vocab_size, args.eos_token)
     options = sampling_options(args)
     # one prompt at a time streams; rows of a batch finish at different times, so batches print whole
     stream = not args.no_stream and not args.stop and (args.batch_size == 1 or len(prompts) == 1)

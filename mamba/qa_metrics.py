@@ -14,6 +14,7 @@ from functools import lru_cache
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
 _PUNCTUATION = set(string.punctuation)
+_ROUGE_TOKEN = re.compile(r"[a-z0-9]")
 
 
 def normalize_answer(text: str) -> str:
@@ -62,7 +63,13 @@ def _rouge_scorer():
 def rouge_l(prediction: str, references: str | Sequence[str]) -> float:
     """ROUGE-L F-measure (longest common subsequence of rouge-score's tokens), best reference."""
     scorer = _rouge_scorer()
-    return max(scorer.score(r, prediction)["rougeL"].fmeasure for r in _as_list(references))
+    return max(_rouge_l(scorer, prediction, r) for r in _as_list(references))
+
+
+def _rouge_l(scorer, prediction: str, reference: str) -> float:
+    if not _ROUGE_TOKEN.search(prediction.lower()) and not _ROUGE_TOKEN.search(reference.lower()):
+        return 1.0  # no tokens on either side (rouge-score keeps [a-z0-9]): a match, as in F1
+    return scorer.score(reference, prediction)["rougeL"].fmeasure
 
 
 def score_all(predictions: Sequence[str], references: Sequence[str | Sequence[str]]) -> dict[str, float]:
