@@ -1,0 +1,226 @@
+"""NKI kernels run unmodified on the NumPy executor of the NKI subset, against the float64
+references in kernels/reference.py; and the executor's own limits."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+
+from kernels.nki import executor
+from kernels.reference import causal_conv1d_ref
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("neuronxcc") is not None and not executor.installed(),
+    reason="a real neuronxcc is installed; these tests run the kernels on the NumPy executor")
+
+
+@pytest.fixture(scope="module")
+def nki():
+    executor.install()
+    import neuronxcc.nki as nki_module
+
+    from kernels.nki import autograd
+
+    yield nki_module, autograd
+    executor.uninstall()
+
+
+def _docs(batch, length, starts):
+    """seq_idx [b, l] int32 with documents starting at the given positions (per row)."""
+    seq = torch.zeros(batch, length, dtype=torch.int32)
+    for row, row_starts in enumerate(starts):
+        for s in row_starts:
+            seq[row, s:] += 1
+    return seq
+
+
+def _close(a, b, tol, what):
+    err = (a.double() - b.double()).abs().max().item()
+    scale = b.double().abs().max().item()
+    assert err <= tol * max(1.0, scale), f"{what}: max error {err:.3g} (scale {scale:.3g})"
+
+
+# --- the executor -----------------------------------------------------------------------------
+def test_executor_refuses_129_partitions_and_oversize_matmuls(nki):
+    nk, _ = nki
+    import neuronxcc.nki.isa as nisa
+    import neuronxcc.nki.language as nl
+
+    @nk.jit
+    def load_rows(a):
+        nl.load(a[0:a.shape[0], 0:4])
+        return a
+
+    load_rows(np.zeros((128, 4), np.float32))
+    with pytest.raises(executor.HardwareLimitError, match="129 partitions"):
+        load_rows(np.zeros((129, 4), np.float32))
+    with pytest.raises(executor.HardwareLimitError, match="partition"):
+        nl.zeros((129, 2), dtype=nl.float32)
+
+    @nk.jit
+    def matmul(a, b):
+        nisa.nc_matmul(nl.load(a), nl.load(b))
+        return a
+
+    matmul(np.ones((128, 128), np.float32), np.ones((128, 512), np.float32))
+    for k, m, n in ((128, 129, 8), (128, 8, 513), (64, 8, 8)):
+        with pytest.raises(executor.HardwareLimitError, match="nc_matmul"):
+            matmul(np.ones((128, m), np.float32), np.ones((k, n), np.float32))
+
+    @nk.jit
+    def matmul_from_psum(a):
+        product = nisa.nc_matmul(nl.load(a), nl.load(a))  # a PSUM tile
+        nisa.nc_matmul(product, nl.load(a))
+        return a
+
+    with pytest.raises(executor.HardwareLimitError, match="SBUF"):
+        matmul_from_psum(np.ones((8, 8), np.float32))
+
+
+def test_executor_catches_read_before_write(nki):
+    nk, _ = nki
+    import neuronxcc.nki.language as nl
+
+    @nk.jit
+    def half_written(a, write_all):
+        out = nl.ndarray(a.shape, dtype=a.dtype, buffer=nl.shared_hbm)
+        tile = nl.ndarray((8, 4), dtype=nl.float32, buffer=nl.sbuf)
+        tile[:, 0:2] = nl.load(a[:, 0:2])
+        if write_all:
+            tile[:, 2:4] = nl.load(a[:, 2:4])
+        nl.store(out, value=nl.exp(tile))
+        return out
+
+    a = np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32)
+    np.testing.assert_allclose(half_written(a, True), np.exp(a), rtol=1e-6)
+    with pytest.raises(executor.ReadBeforeWriteError, match="unwritten"):
+        half_written(a, False)
+    assert np.isnan(nl.ndarray((4, 4), dtype=nl.float32).data).all()  # fresh buffers hold NaN
+
+
+def test_executor_affine_range_exposes_carried_dependencies(nki):
+    nk, _ = nki
+    import neuronxcc.nki.language as nl
+
+    @nk.jit
+    def running_sum(a, sequential):
+        out = nl.ndarray(a.shape, dtype=a.dtype, buffer=nl.shared_hbm)
+        acc = nl.zeros((1, 1), dtype=nl.float32)
+        loop = nl.sequential_range if sequential else nl.affine_range
+        for i in loop(a.shape[1]):
+            acc[...] = nl.add(acc, nl.load(a[0:1, i:i + 1]))
+            nl.store(out[0:1, i:i + 1], value=acc)
+        return out
+
+    a = np.arange(1, 5, dtype=np.float32)[None]
+    np.testing.assert_array_equal(running_sum(a, True), np.cumsum(a)[None])
+    assert not np.array_equal(running_sum(a, False), np.cumsum(a)[None])
+
+
+def test_executor_bf16_rounding_and_counters(nki):
+    nk, _ = nki
+    import neuronxcc.nki.isa as nisa
+    import neuronxcc.nki.language as nl
+
+    from kernels.nki.executor.core import round_bf16
+
+    values = np.array([1 + 2.0**-8, 1 + 3 * 2.0**-9, -(2 + 2.0**-7), 3.0], np.float32)
+    np.testing.assert_array_equal(round_bf16(values), np.array([1.0, 1 + 2.0**-7, -2.0, 3.0], np.float32))
+
+    @nk.jit
+    def product(a, b):
+        out = nl.ndarray((a.shape[1], b.shape[1]), dtype=nl.bfloat16, buffer=nl.shared_hbm)
+        nl.store(out, value=nl.copy(nisa.nc_matmul(nl.load(a), nl.load(b)), dtype=nl.bfloat16))
+        return out
+
+    rng = np.random.default_rng(1)
+    a = rng.standard_normal((128, 64)).astype(np.float32)
+    b = rng.standard_normal((128, 32)).astype(np.float32)
+    executor.counters.reset()
+    out = product(a, b)
+    exact = a.astype(np.float64).T @ b
+    np.testing.assert_array_equal(out, round_bf16(exact.astype(np.float32)))
+    assert np.abs(out - exact).max() > 1e-4  # the rounding is really there
+    assert executor.counters.matmul_flops == 2 * 128 * 64 * 32
+    assert executor.counters.dma_bytes == (a.size + b.size) * 4 + out.size * 2
+
+
+# --- causal conv1d ----------------------------------------------------------------------------
+def _conv_case(batch, dim, length, width, bias, seq_idx, silu, dtype=torch.float32):
+    x = torch.randn(batch, dim, length, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(dim, width, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(dim, dtype=torch.float64, requires_grad=True) if bias else None
+    act = "silu" if silu else None
+    y_ref, _ = causal_conv1d_ref(x, w, b, seq_idx=seq_idx, activation=act)
+    dy = torch.randn_like(y_ref)
+    leaves = [t for t in (x, w, b) if t is not None]
+    grads_ref = torch.autograd.grad(y_ref, leaves, dy)
+    ours = [t.detach().to(dtype).requires_grad_() for t in leaves]
+    return y_ref, grads_ref, ours, dy, act
+
+
+@pytest.mark.parametrize("width,bias,silu,starts,length", [
+    (4, True, True, [[100, 128, 131], [256, 300]], 384),  # boundaries inside and on 128-token edges
+    (3, False, False, [[128], [5, 200, 383]], 256),
+    (2, True, True, None, 512),  # 256-token time tiles
+])
+def test_causal_conv1d_matches_reference(nki, width, bias, silu, starts, length):
+    _, autograd = nki
+    seq = _docs(2, length, starts) if starts else None
+    y_ref, grads_ref, ours, dy, act = _conv_case(2, 160, length, width, bias, seq, silu)
+    y = autograd.causal_conv1d_nki(ours[0], ours[1], ours[2] if bias else None, seq_idx=seq, activation=act)
+    _close(y, y_ref, 1e-5, "y")
+    grads = torch.autograd.grad(y, ours, dy.float())
+    for name, g, g_ref in zip(("dx", "dweight", "dbias"), grads, grads_ref, strict=False):
+        _close(g, g_ref, 2e-5, name)
+
+
+def test_causal_conv1d_dx_crosses_tile_edges(nki):
+    """dx[t] takes gradients from outputs t+1..t+w-1, which for the last w-1 tokens of a
+    128-token tile live in the next tile. Dropping them (the public kernel) is visibly wrong."""
+    _, autograd = nki
+    length, width = 384, 4
+    y_ref, grads_ref, ours, dy, act = _conv_case(1, 128, length, width, True, None, True)
+    y = autograd.causal_conv1d_nki(*ours, activation=act)
+    dx = torch.autograd.grad(y, ours[0], dy.float())[0]
+    edges = torch.cat([torch.arange(e - width + 1, e) for e in range(128, length, 128)])
+    _close(dx[..., edges], grads_ref[0][..., edges], 2e-5, "dx at tile edges")
+
+    # what a per-tile backward gives: the gradient of each tile's outputs only, per tile
+    x = ours[0].detach().double().requires_grad_()
+    y64, _ = causal_conv1d_ref(x, ours[1].detach().double(), ours[2].detach().double(), activation="silu")
+    full = torch.autograd.grad(y64, x, dy, retain_graph=True)[0]
+    tile_of = torch.arange(length) // 128
+    per_tile = torch.zeros_like(x)
+    for tile in range(length // 128):
+        mask = (tile_of == tile).double()
+        g = torch.autograd.grad(y64, x, dy * mask, retain_graph=True)[0]
+        per_tile += g * mask
+    dropped = (per_tile - full).abs()[..., edges].max().item()
+    assert dropped > 1e-2, dropped  # the cross-tile terms matter on exactly these tokens
+    inside = torch.ones(length, dtype=torch.bool)
+    inside[edges] = False
+    assert (per_tile - full).abs()[..., inside].max().item() < 1e-12
+
+
+def test_causal_conv1d_bf16(nki):
+    _, autograd = nki
+    seq = _docs(2, 256, [[128], [64]])
+    y_ref, grads_ref, ours, dy, act = _conv_case(2, 64, 256, 4, True, seq, True, torch.bfloat16)
+    y = autograd.causal_conv1d_nki(*ours, seq_idx=seq, activation=act)
+    assert y.dtype == torch.bfloat16
+    _close(y, y_ref, 3e-2, "y bf16")
+    dx = torch.autograd.grad(y, ours[0], dy.to(torch.bfloat16))[0]
+    assert dx.dtype == torch.bfloat16
+    _close(dx, grads_ref[0], 5e-2, "dx bf16")
+
+
+def test_nki_wrappers_refuse_bad_lengths_and_widths(nki):
+    _, autograd = nki
+    with pytest.raises(ValueError, match="length 200 is not a multiple of 128"):
+        autograd.causal_conv1d_nki(torch.randn(1, 8, 200), torch.randn(8, 4))
+    with pytest.raises(ValueError, match="conv width 5"):
+        autograd.causal_conv1d_nki(torch.randn(1, 8, 128), torch.randn(8, 5))
