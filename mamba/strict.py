@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from typing import Any, Literal, Union, get_args, get_origin
@@ -12,6 +13,53 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 class ConfigError(ValueError):
     """A user's configuration mistake; the message is one line naming the key and the fix."""
+
+
+def bounded(default: Any = dataclasses.MISSING, *, gt: float | None = None, ge: float | None = None,
+            lt: float | None = None, le: float | None = None, also: tuple = (), hint: str = "",
+            default_factory: Any = dataclasses.MISSING) -> Any:
+    """A dataclass field whose numbers (each item, for a list) must lie in a range, checked by
+    `build` with the key's path: `lr: float = bounded(3e-4, gt=0)`. `also` lists special values
+    allowed outside the range (e.g. -1 for "all"), explained by `hint`."""
+    bounds = {"gt": gt, "ge": ge, "lt": lt, "le": le, "also": tuple(also), "hint": hint}
+    if default_factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=default_factory, metadata={"bounds": bounds})
+    return dataclasses.field(default=default, metadata={"bounds": bounds})
+
+
+def _fmt(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e15 else repr(x)
+
+
+def describe_bounds(bounds: dict) -> str:
+    lower = (f"> {_fmt(bounds['gt'])}" if bounds["gt"] is not None
+             else f">= {_fmt(bounds['ge'])}" if bounds["ge"] is not None else "")
+    upper = (f"< {_fmt(bounds['lt'])}" if bounds["lt"] is not None
+             else f"<= {_fmt(bounds['le'])}" if bounds["le"] is not None else "")
+    rule = " and ".join(r for r in (lower, upper) if r)
+    if bounds["also"]:
+        special = " or ".join(_fmt(a) for a in bounds["also"])
+        rule = f"{special}{' (' + bounds['hint'] + ')' if bounds['hint'] else ''} or {rule}"
+    elif bounds["hint"]:
+        rule = f"{rule} ({bounds['hint']})"
+    return rule
+
+
+def check_bounds(value: Any, bounds: dict, path: str) -> None:
+    """Raise ConfigError unless every number in `value` (None passes) satisfies `bounds`."""
+    if value is None:
+        return
+    if isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            check_bounds(item, bounds, f"{path}[{i}]")
+        return
+    if value in bounds["also"]:
+        return
+    gt, ge, lt, le = (bounds[k] for k in ("gt", "ge", "lt", "le"))
+    ok = (math.isfinite(value) and (gt is None or value > gt) and (ge is None or value >= ge)
+          and (lt is None or value < lt) and (le is None or value <= le))
+    if not ok:
+        raise ConfigError(f"{path}={value!r}: must be {describe_bounds(bounds)}")
 
 
 def _describe(tp: Any) -> str:
@@ -112,6 +160,8 @@ def build(cls: type, values: Any, path: str):
     for name, f in fields.items():
         if name in values:
             kwargs[name] = _convert(values[name], hints[name], f"{path}.{name}")
+            if "bounds" in f.metadata:
+                check_bounds(kwargs[name], f.metadata["bounds"], f"{path}.{name}")
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"missing required key {path}.{name} ({_describe(hints[name])})")
     return cls(**kwargs)

@@ -1,10 +1,12 @@
 """Train a Mamba-family LM with Composer.
 
-    composer -n N mamba/train.py yamls/x.yaml [key=value ...]
-    python mamba/train.py yamls/x.yaml [key=value ...]        (one process)
+    composer -n N mamba/train.py [yamls/x.yaml] [key=value ...]
+    python mamba/train.py [yamls/x.yaml] [key=value ...]          (one process)
+    python mamba/train.py [yamls/x.yaml] [key=value ...] --check  (check only: no training)
 
-One of only two files that import Composer (with mamba/composer_model.py). A configuration
-mistake exits with code 2 and one line on stderr, before anything is written.
+Without a config file the embedded default, yamls/tiny.yaml, is used (and named). One of only
+two files that import Composer (with mamba/composer_model.py); `--check` never imports it. A
+configuration mistake exits with code 2 and one line on stderr, before anything is written.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script by the composer launcher
@@ -21,7 +24,18 @@ if __package__ in (None, ""):  # run as a script by the composer launcher
 import torch  # noqa: E402
 
 from mamba.strict import ConfigError  # noqa: E402
-from mamba.train_config import TrainConfig, check_data, derived_batching, load_yaml, parse_config  # noqa: E402
+from mamba.train_config import (  # noqa: E402
+    SampleSection,
+    TrainConfig,
+    check_data,
+    derived_batching,
+    load_yaml,
+    parse_config,
+)
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "yamls" / "tiny.yaml"
+USAGE = ("usage: composer -n N mamba/train.py [CONFIG.yaml] [key=value ...]  "
+         "(or python mamba/train.py ...; add --check to check the config without training)")
 
 
 def world_size() -> int:
@@ -42,17 +56,53 @@ def resolve_device(cfg: TrainConfig) -> str:
     return device
 
 
+@dataclass
+class Args:
+    config: str
+    overrides: list[str]
+    check: bool = False  # --check: validate everything, train nothing
+    default: bool = False  # no config given: the embedded default
+
+
+def parse_args(argv: list[str]) -> Args:
+    """[CONFIG] [key=value ...] with --check anywhere. Only the exact word --check is the flag
+    (an override always holds '=', so `run_name=--check` stays an override); any other word
+    starting with '-' is an error, not an override."""
+    check = "--check" in argv
+    words = [a for a in argv if a != "--check"]
+    for word in words:
+        if word.startswith("-"):
+            raise ConfigError(f"unknown option {word!r}; {USAGE}")
+    if words and not ("=" in words[0] and not os.path.isfile(words[0])):
+        return Args(words[0], words[1:], check)
+    return Args(str(DEFAULT_CONFIG), words, check, default=True)
+
+
 def prepare(argv: list[str]) -> tuple[TrainConfig, dict]:
     """Everything that can fail because of the user's config, checked before any output."""
-    if not argv or argv[0] in ("-h", "--help"):
-        raise ConfigError("usage: composer -n N mamba/train.py CONFIG.yaml [key=value ...]")
-    cfg = parse_config(load_yaml(argv[0], argv[1:]))
+    args = parse_args(argv)
+    cfg = parse_config(load_yaml(args.config, args.overrides))
     per_device, accum = derived_batching(cfg, world_size())
     meta = check_data(cfg)
     device = resolve_device(cfg)
     if cfg.model.init_from and not Path(cfg.model.init_from, "config.json").is_file():
         raise ConfigError(f"model.init_from={cfg.model.init_from!r}: no config.json there")
-    return cfg, dict(per_device=per_device, accum=accum, meta=meta, device=device)
+    return cfg, dict(per_device=per_device, accum=accum, meta=meta, device=device, args=args)
+
+
+def check_summary(cfg: TrainConfig, derived: dict) -> str:
+    """The one line `--check` prints: what would train, on what, for how long."""
+    from mamba.make_yaml import count_parameters
+
+    args, m, d = derived["args"], cfg.model, cfg.data
+    config = cfg.model.mamba_config()
+    layers = "".join(config.layer_kinds())
+    length = cfg.max_duration or f"{d.n_total_tokens}tok"
+    return (f"ok: {args.config}{' (the default config)' if args.default else ''}: "
+            f"{m.n_layer} layers {layers}, d_model {m.d_model}, {count_parameters(config) / 1e6:.1f}M "
+            f"parameters; {length} of {d.global_batch_size} x {d.seq_len} tokens ({world_size()} rank(s) x "
+            f"{derived['accum']} microbatch(es) of {d.micro_batch_size}); data {d.local} "
+            f"({derived['meta'].tokenizer} tokenizer); device {derived['device']}")
 
 
 def fsdp_settings(cfg: TrainConfig) -> dict | None:
@@ -312,10 +362,34 @@ def finish(cfg: TrainConfig, derived: dict, weights: dict) -> None:
         print(f"model saved to {cfg.export_folder} (MambaLMHeadModel.from_pretrained)")
     if cfg.sample:
         tok = load_tokenizer(derived["meta"].tokenizer)
-        prompt = torch.tensor([tok.encode(cfg.sample.prompt)], dtype=torch.long)
-        out = model.generate(prompt, cfg.sample.max_new_tokens, temperature=cfg.sample.temperature,
-                             eos_token_id=derived["meta"].eos_token_id)
-        print(f"sample: {cfg.sample.prompt}{tok.decode(out[0, prompt.shape[1]:].tolist())!r}")
+        text = sample_text(model, tok, cfg.sample, derived["meta"].eos_token_id)
+        print(f"sample: {cfg.sample.prompt}{text!r}")
+
+
+def sample_stops(sample: SampleSection) -> list[str]:
+    """sample.stop, or else a newline for a prompt ending like data.prepare's qa template: a
+    pretrained model goes on from the answer into the next "Question:" (a fine-tuned one ends
+    its answer with EOS, which stops generation anyway)."""
+    if sample.stop is not None:
+        return [s for s in sample.stop if s]
+    from data.prepare import TEMPLATES
+
+    answer = TEMPLATES["qa"].split("{input}")[1].rstrip(" ")  # "\nAnswer:"
+    return ["\n"] if sample.prompt.rstrip(" ").endswith(answer) else []
+
+
+@torch.inference_mode()
+def sample_text(model, tok, sample: SampleSection, eos_token_id: int | None) -> str:
+    """The model's continuation of sample.prompt, ended at EOS or the first stop string."""
+    from mamba.generate import cut_at_stop
+
+    prompt = torch.tensor([tok.encode(sample.prompt)], dtype=torch.long)
+    out = model.generate(prompt, sample.max_new_tokens, temperature=sample.temperature,
+                         eos_token_id=eos_token_id)
+    row = out[0, prompt.shape[1]:].tolist()
+    if eos_token_id is not None and eos_token_id in row:
+        row = row[:row.index(eos_token_id)]
+    return cut_at_stop(tok.decode(row), sample_stops(sample))
 
 
 def per_rank_triton_cache() -> None:
@@ -328,11 +402,19 @@ def per_rank_triton_cache() -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     per_rank_triton_cache()
+    if any(a in ("-h", "--help") for a in argv):
+        print(f"{USAGE}\nwithout CONFIG.yaml: the embedded default {DEFAULT_CONFIG}")
+        return 0
     try:
         cfg, derived = prepare(argv)
+        if derived["args"].check:
+            print(check_summary(cfg, derived))
+            return 0
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if derived["args"].default and int(os.environ.get("RANK", "0")) == 0:
+        print(f"config: {derived['args'].config} (the embedded default; give CONFIG.yaml to train another)")
     try:
         train(cfg, derived)
     except ConfigError as err:  # found while building (e.g. init_from architecture)
