@@ -105,6 +105,24 @@ def ptr(t: torch.Tensor | None):
     return None if t is None else ctypes.c_void_p(t.data_ptr())
 
 
+def require(kernel: str, name: str, t: torch.Tensor | None, shape: tuple[int, ...],
+            dtype: torch.dtype = torch.float32, strides: tuple[int, ...] | None = None) -> None:
+    """The last gate before a pointer goes to C: `t` is a CPU tensor of exactly this shape and
+    dtype, contiguous (or with exactly these element strides). Raises ValueError/TypeError naming
+    the argument, what was expected and what was found."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{kernel}: {name} must be a tensor, got {type(t).__name__}")
+    if t.device.type != "cpu":
+        raise ValueError(f"{kernel}: {name} must be on the CPU, got {t.device}")
+    if t.dtype != dtype:
+        raise TypeError(f"{kernel}: {name} must be {dtype}, got {t.dtype}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{kernel}: {name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    want = strides if strides is not None else torch.empty(shape, device="meta").stride()
+    if t.numel() > 0 and any(s != w for s, w, n in zip(t.stride(), want, shape, strict=True) if n > 1):
+        raise ValueError(f"{kernel}: {name} must have strides {tuple(want)}, got {t.stride()}")
+
+
 def split(total: int) -> list[tuple[int, int]]:
     """[0, total) in one contiguous range per thread."""
     parts = max(1, min(torch.get_num_threads(), total))

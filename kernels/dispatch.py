@@ -11,91 +11,147 @@ import torch
 import torch.nn.functional as F
 
 from kernels import decode
-from kernels.conv1d import causal_conv1d_torch, causal_conv1d_update_torch
+from kernels.conv1d import (
+    causal_conv1d_torch,
+    causal_conv1d_update_torch,
+    check_conv_args,
+    check_update_args,
+)
 from kernels.norm import rms_norm, rms_norm_gated
-from kernels.selective_scan import selective_scan_torch
-from kernels.ssd import mamba_chunk_scan_combined_torch
-from kernels.step import selective_state_update_torch
+from kernels.selective_scan import check_scan_args, selective_scan_torch
+from kernels.ssd import check_ssd_args, mamba_chunk_scan_combined_torch
+from kernels.step import check_state_update_args, selective_state_update_torch
 
 
 def _has(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-_HAS_MAMBA_SSM = _has("mamba_ssm")
-_HAS_CAUSAL_CONV1D = _has("causal_conv1d")
+# Fast backends per device type, in order of preference, and the ops each one provides.
+# A new backend (e.g. our Triton kernels) is one entry here plus one branch in each op below.
+_CUDA_BACKENDS: tuple[tuple[str, frozenset[str]], ...] = (
+    ("cuda-ext", frozenset(
+        (["conv1d", "conv1d_update"] if _has("causal_conv1d") else [])
+        + (["ssd", "scan", "state_update"] if _has("mamba_ssm") else []))),
+)
+_BACKENDS_BY_DEVICE = {"cuda": _CUDA_BACKENDS}
 
 
 def backend_for(op: str, device: torch.device) -> str:
-    """'cuda-ext' (mamba_ssm / causal_conv1d) or 'torch'. MAMBA_KERNELS=torch forces torch."""
-    if os.environ.get("MAMBA_KERNELS") == "torch" or device.type != "cuda":
+    """The first backend for this device type that provides op ('cuda-ext' = mamba_ssm /
+    causal_conv1d), else 'torch'. MAMBA_KERNELS=torch forces torch."""
+    if os.environ.get("MAMBA_KERNELS") == "torch":
         return "torch"
-    needs = {"conv1d": _HAS_CAUSAL_CONV1D, "conv1d_update": _HAS_CAUSAL_CONV1D}.get(op, _HAS_MAMBA_SSM)
-    return "cuda-ext" if needs else "torch"
+    for name, ops in _BACKENDS_BY_DEVICE.get(device.type, ()):
+        if op in ops:
+            return name
+    return "torch"
 
 
 def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None,
-                              initial_states=None, seq_idx=None, dt_softplus=False,
-                              dt_limit=(0.0, math.inf), return_final_states=False):
-    """Mamba-2 SSD scan. x [b,l,h,p], dt [b,l,h], A [h], B/C [b,l,g,n], seq_idx [b,l] int32."""
-    nheads, ngroups = x.shape[2], B.shape[2]
-    if nheads % ngroups:
-        raise ValueError(f"ngroups={ngroups} must divide the number of heads {nheads}")
-    if backend_for("ssd", x.device) == "cuda-ext":
+                              initial_states=None, seq_idx=None, cu_seqlens=None, dt_softplus=False,
+                              dt_limit=(0.0, math.inf), return_final_states=False,
+                              return_varlen_states=False):
+    """Mamba-2 SSD scan. x [b,l,h,p], dt [b,l,h], A [h], B/C [b,l,g,n], D [h] or [h,p], z like x,
+    dt_bias [h], initial_states [b,h,p,n], seq_idx [b,l] int; cu_seqlens [num_seqs+1] (batch 1).
+    Returns y, then final_states [b,h,p,n], then varlen_states [num_seqs,h,p,n], as requested."""
+    check_ssd_args(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, cu_seqlens, dt_limit)
+    # mamba_ssm reads cu_seqlens only for varlen states; without seq_idx we give ours (no leaks).
+    if backend_for("ssd", x.device) == "cuda-ext" and (cu_seqlens is None or seq_idx is not None):
         from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined as ext
 
+        varlen = dict(cu_seqlens=cu_seqlens, return_varlen_states=True) if return_varlen_states else {}
         return ext(x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias,
                    initial_states=initial_states, seq_idx=seq_idx, dt_softplus=dt_softplus,
-                   dt_limit=dt_limit, return_final_states=return_final_states)
+                   dt_limit=dt_limit, return_final_states=return_final_states, **varlen)
     return mamba_chunk_scan_combined_torch(x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias,
                                            initial_states=initial_states, seq_idx=seq_idx,
-                                           dt_softplus=dt_softplus, dt_limit=dt_limit,
-                                           return_final_states=return_final_states)
+                                           cu_seqlens=cu_seqlens, dt_softplus=dt_softplus,
+                                           dt_limit=dt_limit, return_final_states=return_final_states,
+                                           return_varlen_states=return_varlen_states)
 
 
 def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                      return_last_state=False, seq_idx=None):
-    """Mamba-1 scan. u/delta [b,d,l], A [d,n], B/C [b,n,l] or [b,g,n,l]; seq_idx [b,l] resets state."""
-    if seq_idx is None and backend_for("scan", u.device) == "cuda-ext":
-        # mamba_ssm's CUDA scan has no document resets; with seq_idx we use our own path.
+                      return_last_state=False, cu_seqlens=None, seq_idx=None):
+    """Mamba-1 scan. u/delta/z [b,d,l], A [d,n] (real), B/C [d,n] (constant), [b,n,l] or [b,g,n,l],
+    D/delta_bias [d]; cu_seqlens [num_seqs+1] or seq_idx [b,l] reset the state between documents."""
+    check_scan_args(u, delta, A, B, C, D, z, delta_bias, seq_idx, cu_seqlens)
+    if seq_idx is None and cu_seqlens is None and backend_for("scan", u.device) == "cuda-ext":
+        # mamba_ssm's released CUDA scan has no document resets; with them we use our own path.
         from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as ext
 
         return ext(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
                    delta_softplus=delta_softplus, return_last_state=return_last_state)
     return selective_scan_torch(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
                                 delta_softplus=delta_softplus, return_last_state=return_last_state,
-                                seq_idx=seq_idx)
+                                cu_seqlens=cu_seqlens, seq_idx=seq_idx)
+
+
+def _ext_conv_handles(x, weight, seq_idx, initial_states, return_final_states, final_states_out) -> bool:
+    """What causal_conv1d's CUDA forward takes: width 2-4; seq_idx int32 without initial or final
+    states; states only in the channel-last layout (x.stride(1) == 1)."""
+    if not 2 <= weight.shape[1] <= 4 or x.dtype == torch.float64 or weight.dtype == torch.float64:
+        return False
+    if seq_idx is not None:
+        return (seq_idx.dtype == torch.int32 and initial_states is None and not return_final_states
+                and final_states_out is None and x.stride(1) == 1)
+    wants_states = initial_states is not None or return_final_states or final_states_out is not None
+    return not wants_states or x.stride(1) == 1
 
 
 def causal_conv1d_fn(x, weight, bias=None, seq_idx=None, initial_states=None,
-                     return_final_states=False, activation=None):
-    """Depthwise causal conv. x [b,d,l], weight [d,w]; returns y (and final states [b,d,w-1])."""
-    if backend_for("conv1d", x.device) == "cuda-ext" and initial_states is None:
+                     return_final_states=False, final_states_out=None, activation=None):
+    """Depthwise causal conv. x [b,d,l], weight [d,w], bias [d], seq_idx [b,l] (negative = padding,
+    output 0), initial_states [b,d,w-1]; returns y (and final states [b,d,w-1])."""
+    check_conv_args(x, weight, bias, seq_idx, initial_states, final_states_out, activation)
+    if backend_for("conv1d", x.device) == "cuda-ext" and _ext_conv_handles(
+            x, weight, seq_idx, initial_states, return_final_states, final_states_out):
         from causal_conv1d import causal_conv1d_fn as ext
 
-        if not return_final_states:
-            return ext(x, weight, bias, seq_idx=seq_idx, activation=activation)
+        given = (("initial_states", initial_states), ("final_states_out", final_states_out),
+                 ("return_final_states", return_final_states))
+        states = {k: v for k, v in given if v is not None and v is not False}
+        out = ext(x, weight, bias, seq_idx=seq_idx, activation=activation, **states)
+        if seq_idx is None:
+            return out
+        # causal_conv1d before 1.5 computes padding positions (seq_idx < 0) too; they are 0 here.
+        return out * (seq_idx >= 0).unsqueeze(1).to(out.dtype)
     return causal_conv1d_torch(x, weight, bias, seq_idx=seq_idx, initial_states=initial_states,
-                               return_final_states=return_final_states, activation=activation)
+                               return_final_states=return_final_states, final_states_out=final_states_out,
+                               activation=activation)
 
 
-def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None):
-    """One decoding step; conv_state [b,d,w] is updated in place."""
-    if backend_for("conv1d_update", x.device) == "cuda-ext":
+def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, cache_seqlens=None,
+                         conv_state_indices=None):
+    """Decoding steps. x [b,d] or [b,d,l]; conv_state [b,d,s] (s >= w-1) updated in place, a ring
+    buffer with cache_seqlens [b], a pool picked by conv_state_indices [b] (negative = padding)."""
+    check_update_args(x, conv_state, weight, bias, activation, cache_seqlens, conv_state_indices)
+    if (backend_for("conv1d_update", x.device) == "cuda-ext" and 2 <= weight.shape[1] <= 4
+            and x.dtype == conv_state.dtype and x.dtype != torch.float64
+            and all(t is None or t.dtype == torch.int32 for t in (cache_seqlens, conv_state_indices))):
         from causal_conv1d import causal_conv1d_update as ext
 
-        return ext(x, conv_state, weight, bias, activation)
-    return causal_conv1d_update_torch(x, conv_state, weight, bias, activation)
+        given = (("cache_seqlens", cache_seqlens), ("conv_state_indices", conv_state_indices))
+        ring = {k: v for k, v in given if v is not None}
+        return ext(x, conv_state, weight, bias, activation, **ring)
+    return causal_conv1d_update_torch(x, conv_state, weight, bias, activation, cache_seqlens=cache_seqlens,
+                                      conv_state_indices=conv_state_indices)
 
 
-def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
-    """One-token SSM update (Mamba-1 or Mamba-2 shapes); state is updated in place."""
+def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
+                           state_batch_indices=None):
+    """One-token SSM update (Mamba-1 or Mamba-2 shapes, as mamba_ssm broadcasts them); state is
+    updated in place; state_batch_indices [b] picks rows of a state pool (negative = padding)."""
+    check_state_update_args(state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices)
     if backend_for("state_update", x.device) == "cuda-ext":
         from mamba_ssm.ops.triton.selective_state_update import selective_state_update as ext
 
-        return ext(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus)
+        if state_batch_indices is None:
+            return ext(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus)
+        return ext(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
+                   state_batch_indices=state_batch_indices)
     return selective_state_update_torch(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias,
-                                        dt_softplus=dt_softplus)
+                                        dt_softplus=dt_softplus, state_batch_indices=state_batch_indices)
 
 
 def _c_decode(*tensors) -> bool:

@@ -22,8 +22,8 @@ _NAME = "selective_scan_cpu"
 
 def _declare(lib: ctypes.CDLL) -> None:
     p, i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.ss_forward.argtypes = [p] * 9 + [i64] * 8
-    lib.ss_backward.argtypes = [p] * 13 + [i64] * 8
+    lib.ss_forward.argtypes = [p] * 9 + [i64] * 15
+    lib.ss_backward.argtypes = [p] * 13 + [i64] * 15
 
 
 def _load():
@@ -47,18 +47,32 @@ def _ranges(dim: int) -> list[tuple[int, int]]:
     return cbuild.split(dim)
 
 
+def _layout(M: torch.Tensor, batch: int, length: int) -> tuple[int, int, int, int]:
+    """(groups, batch stride, group stride, time stride) of a compact B/C for the C kernel:
+    [g, n] is constant over batch and time (g = dim), [b, g, l, n] varies."""
+    if M.dim() == 2:
+        return M.shape[0], 0, M.shape[1], 0
+    g, n = M.shape[1], M.shape[3]
+    return g, g * length * n, length * n, n
+
+
 class _SelectiveScanC(torch.autograd.Function):
+    """u, delta [b,d,l], A [d,n], B/C [b,g,l,n] or [d,n] (constant), seq_idx [b,l] int32 or None;
+    all float32, contiguous, on the CPU (checked here, before any pointer reaches C)."""
+
     @staticmethod
     def forward(ctx, u, delta, A, B, C, seq_idx):
-        lib = _load()
         batch, dim, length = u.shape
-        groups, dstate = B.shape[1], B.shape[3]
+        dstate = A.shape[1]
+        _check_c_inputs(u, delta, A, B, C, seq_idx)
+        lib = _load()
         nck = -(-length // CHECKPOINT_EVERY)
         y = torch.empty_like(u)
         last = u.new_empty(batch, dim, dstate)
         ckpt = u.new_empty(batch, dim, nck, dstate)
+        layout = (*_layout(B, batch, length), *_layout(C, batch, length))
         args = (_ptr(u), _ptr(delta), _ptr(A), _ptr(B), _ptr(C), _ptr(seq_idx), _ptr(y),
-                _ptr(last), _ptr(ckpt), batch, dim, dstate, length, groups, CHECKPOINT_EVERY)
+                _ptr(last), _ptr(ckpt), batch, dim, dstate, length, CHECKPOINT_EVERY, *layout)
         cbuild.parallel(lambda d0, d1: lib.ss_forward(*args, d0, d1), _ranges(dim))
         ctx.save_for_backward(u, delta, A, B, C, seq_idx, ckpt)
         ctx.mark_non_differentiable(last)
@@ -69,48 +83,152 @@ class _SelectiveScanC(torch.autograd.Function):
         lib = _load()
         u, delta, A, B, C, seq_idx, ckpt = ctx.saved_tensors
         batch, dim, length = u.shape
-        groups, dstate = B.shape[1], B.shape[3]
+        dstate = A.shape[1]
         dy = dy.float().contiguous()
+        cbuild.require("selective_scan (C backward)", "dy", dy, (batch, dim, length))
         du, ddelta = torch.empty_like(u), torch.empty_like(u)
         dA = torch.zeros_like(A)
         ranges = _ranges(dim)
-        dB = B.new_zeros(len(ranges), *B.shape)  # one partial sum per thread
+        dB = B.new_zeros(len(ranges), *B.shape)  # one partial sum per thread, laid out as B
         dC = C.new_zeros(len(ranges), *C.shape)
+        layout = (*_layout(B, batch, length), *_layout(C, batch, length))
 
         def run(d0, d1):
             i = ranges.index((d0, d1))
             lib.ss_backward(_ptr(u), _ptr(delta), _ptr(A), _ptr(B), _ptr(C), _ptr(seq_idx),
                             _ptr(ckpt), _ptr(dy), _ptr(du), _ptr(ddelta), _ptr(dA), _ptr(dB[i]),
-                            _ptr(dC[i]), batch, dim, dstate, length, groups, CHECKPOINT_EVERY,
+                            _ptr(dC[i]), batch, dim, dstate, length, CHECKPOINT_EVERY, *layout,
                             d0, d1)
 
         cbuild.parallel(run, ranges)
         return du, ddelta, dA, dB.sum(0), dC.sum(0), None
 
 
-def _scan_torch(u, delta, A, B, C, seq_idx):
-    """Sequential recurrence in torch: u/delta [b,d,l], B/C [b,g,l,n] -> (y, last_state)."""
+def _check_c_inputs(u, delta, A, B, C, seq_idx):
+    name = "selective_scan (C kernel)"
+    if u.dim() != 3 or A.dim() != 2:
+        raise ValueError(f"{name}: u must be [batch, dim, seqlen] and A [dim, dstate], "
+                         f"got {tuple(u.shape)} and {tuple(A.shape)}")
     batch, dim, length = u.shape
-    groups = B.shape[1]
-    Bd = B.repeat_interleave(dim // groups, dim=1)  # [b,d,l,n]
-    Cd = C.repeat_interleave(dim // groups, dim=1)
+    dstate = A.shape[1]
+    cbuild.require(name, "u", u, (batch, dim, length))
+    cbuild.require(name, "delta", delta, (batch, dim, length))
+    cbuild.require(name, "A", A, (dim, dstate))
+    for label, M in (("B", B), ("C", C)):
+        if M.dim() == 2:
+            cbuild.require(name, label, M, (dim, dstate))
+        else:
+            groups = M.shape[1] if M.dim() == 4 else 0
+            if groups < 1 or dim % groups:
+                raise ValueError(f"{name}: {label} must be [dim, dstate] or [batch, groups, seqlen, "
+                                 f"dstate] with groups dividing dim={dim}, got {tuple(M.shape)}")
+            cbuild.require(name, label, M, (batch, groups, length, dstate))
+    if seq_idx is not None:
+        cbuild.require(name, "seq_idx", seq_idx, (batch, length), dtype=torch.int32)
+
+
+def _scan_torch(u, delta, A, B, C, seq_idx):
+    """Sequential recurrence in torch: u/delta [b,d,l], B/C [b,g,l,n] or [d,n] -> (y, last_state)."""
+    batch, dim, length = u.shape
+
+    def at(M, t):  # [b or 1, d, n] at time t
+        if M.dim() == 2:
+            return M[None]
+        return M[:, :, t].repeat_interleave(dim // M.shape[1], dim=1)
+
     state = u.new_zeros(batch, dim, A.shape[1])
     ys = []
     for t in range(length):
         decay = torch.exp(delta[:, :, t, None] * A)
         if seq_idx is not None and t > 0:
             decay = decay * (seq_idx[:, t] == seq_idx[:, t - 1]).to(u.dtype)[:, None, None]
-        state = decay * state + (delta[:, :, t] * u[:, :, t])[..., None] * Bd[:, :, t]
-        ys.append((state * Cd[:, :, t]).sum(-1))
+        state = decay * state + (delta[:, :, t] * u[:, :, t])[..., None] * at(B, t)
+        ys.append((state * at(C, t)).sum(-1))
     return torch.stack(ys, dim=-1), state
 
 
-def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                         return_last_state=False, seq_idx=None, use_c_kernel=None):
-    """Same contract as mamba_ssm.ops.selective_scan_interface.selective_scan_fn, plus seq_idx [b,l].
+def _fail(message: str, error=ValueError):
+    raise error(f"selective_scan_fn: {message}")
 
-    u, delta, z: [b,d,l]; A: [d,n]; B, C: [b,n,l] or [b,g,n,l]; D, delta_bias: [d].
+
+def _shape(t) -> tuple:
+    return tuple(t.shape)
+
+
+def check_scan_args(u, delta, A, B, C, D=None, z=None, delta_bias=None, seq_idx=None, cu_seqlens=None):
+    """Shapes, dtypes and devices of a selective_scan_fn call; a clear error for anything else."""
+    for label, t in (("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C), ("D", D), ("z", z),
+                     ("delta_bias", delta_bias), ("seq_idx", seq_idx), ("cu_seqlens", cu_seqlens)):
+        if t is not None and not isinstance(t, torch.Tensor):
+            _fail(f"{label} must be a tensor or None, got {type(t).__name__}", TypeError)
+    if u.dim() != 3:
+        _fail(f"u must be (batch, dim, seqlen), got {_shape(u)}")
+    batch, dim, length = u.shape
+    if A.dim() != 2 or A.shape[0] != dim:
+        _fail(f"A must be (dim, dstate) with dim={dim}, got {_shape(A)}")
+    dstate = A.shape[1]
+    for label, t in (("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C), ("D", D), ("z", z),
+                     ("delta_bias", delta_bias)):
+        if t is not None and t.is_complex():
+            _fail(f"{label} is complex ({t.dtype}); only real scans are supported", TypeError)
+        if t is not None and not t.is_floating_point():
+            _fail(f"{label} must be a floating-point tensor, got {t.dtype}", TypeError)
+    if _shape(delta) != (batch, dim, length):
+        _fail(f"delta must have u's shape {(batch, dim, length)}, got {_shape(delta)}")
+    for label, M in (("B", B), ("C", C)):
+        ok = (M.dim() == 2 and _shape(M) == (dim, dstate)) or (
+            M.dim() == 3 and _shape(M) == (batch, dstate, length)) or (
+            M.dim() == 4 and M.shape[1] >= 1 and dim % M.shape[1] == 0
+            and _shape(M) == (batch, M.shape[1], dstate, length))
+        if not ok:
+            _fail(f"{label} must be (dim, dstate)={(dim, dstate)}, (batch, dstate, seqlen)="
+                  f"{(batch, dstate, length)} or (batch, ngroups, dstate, seqlen) with ngroups "
+                  f"dividing dim={dim}; got {_shape(M)}")
+    for label, t, want in (("D", D, (dim,)), ("delta_bias", delta_bias, (dim,)),
+                           ("z", z, (batch, dim, length))):
+        if t is not None and _shape(t) != want:
+            _fail(f"{label} must have shape {want}, got {_shape(t)}")
+    for label, t in (("seq_idx", seq_idx), ("cu_seqlens", cu_seqlens)):
+        if t is not None and (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool):
+            _fail(f"{label} must be an integer tensor, got {t.dtype}", TypeError)
+    if seq_idx is not None and _shape(seq_idx) != (batch, length):
+        _fail(f"seq_idx must have shape (batch, seqlen)={(batch, length)}, got {_shape(seq_idx)}")
+    if cu_seqlens is not None:
+        check_cu_seqlens("selective_scan_fn", cu_seqlens, length)
+    for label, t in (("delta", delta), ("A", A), ("B", B), ("C", C), ("D", D), ("z", z),
+                     ("delta_bias", delta_bias), ("seq_idx", seq_idx)):
+        if t is not None and t.device != u.device:
+            _fail(f"{label} is on {t.device} but u is on {u.device}")
+
+
+def check_cu_seqlens(op: str, cu_seqlens: torch.Tensor, length: int) -> None:
+    """cu_seqlens [num_seqs + 1]: 0, increasing (empty sequences allowed), ending at seqlen."""
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"{op}: cu_seqlens must be (num_sequences + 1,), got {_shape(cu_seqlens)}")
+    cu = cu_seqlens.tolist()
+    if cu[0] != 0 or cu[-1] != length or any(b < a for a, b in zip(cu[:-1], cu[1:], strict=True)):
+        raise ValueError(f"{op}: cu_seqlens must start at 0, never decrease and end at seqlen="
+                         f"{length}, got {cu}")
+
+
+def seq_idx_from_cu_seqlens(cu_seqlens: torch.Tensor, batch: int, device) -> torch.Tensor:
+    """[batch, seqlen] int32 document index of every position (every row cut the same way)."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(device=device, dtype=torch.long)
+    row = torch.repeat_interleave(torch.arange(lengths.numel(), device=device, dtype=torch.int32),
+                                  lengths)
+    return row.expand(batch, -1).contiguous()
+
+
+def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                         return_last_state=False, cu_seqlens=None, seq_idx=None, use_c_kernel=None):
+    """Same contract as mamba_ssm.ops.selective_scan_interface.selective_scan_fn (real A), plus
+    seq_idx [b,l] (a change of value resets the state, as cu_seqlens boundaries do).
+
+    u, delta, z: [b,d,l]; A: [d,n]; B, C: [d,n] (constant), [b,n,l] or [b,g,n,l]; D, delta_bias: [d].
     """
+    check_scan_args(u, delta, A, B, C, D, z, delta_bias, seq_idx, cu_seqlens)
+    if cu_seqlens is not None and seq_idx is None:
+        seq_idx = seq_idx_from_cu_seqlens(cu_seqlens, u.shape[0], u.device)
     dtype = u.dtype
     acc = torch.float64 if dtype == torch.float64 else torch.float32  # fp32 accumulation at least
     uf, df = u.to(acc), delta.to(acc)
@@ -118,8 +236,13 @@ def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
         df = df + delta_bias.to(acc)[:, None]
     if delta_softplus:
         df = torch.where(df <= 20.0, F.softplus(df), df)
-    Bg = (B[:, None] if B.dim() == 3 else B).to(acc).transpose(-1, -2).contiguous()  # [b,g,l,n]
-    Cg = (C[:, None] if C.dim() == 3 else C).to(acc).transpose(-1, -2).contiguous()
+
+    def compact(M):  # [d,n] stays (constant); [b,n,l] / [b,g,n,l] -> [b,g,l,n]
+        if M.dim() == 2:
+            return M.to(acc).contiguous()
+        return (M[:, None] if M.dim() == 3 else M).to(acc).transpose(-1, -2).contiguous()
+
+    Bg, Cg = compact(B), compact(C)
     if use_c_kernel is None:
         use_c_kernel = u.device.type == "cpu" and acc == torch.float32 and c_kernel_available()
     if use_c_kernel:

@@ -227,10 +227,97 @@ def _ungrouped(t, nheads):  # [b,c,g,Q,r*p] -> [b,c,Q,h,p]
     return t.transpose(2, 3).reshape(b, c, q, nheads, (g * rp) // nheads)
 
 
+def _fail(message: str, error=ValueError):
+    raise error(f"mamba_chunk_scan_combined: {message}")
+
+
+def check_ssd_args(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states=None,
+                   seq_idx=None, cu_seqlens=None, dt_limit=(0.0, math.inf)):
+    """The shapes mamba_ssm's mamba_chunk_scan_combined accepts, else a clear error."""
+    named = (("x", x), ("dt", dt), ("A", A), ("B", B), ("C", C), ("D", D), ("z", z), ("dt_bias", dt_bias),
+             ("initial_states", initial_states), ("seq_idx", seq_idx), ("cu_seqlens", cu_seqlens))
+    for label, t in named:
+        if t is not None and not isinstance(t, torch.Tensor):
+            _fail(f"{label} must be a tensor or None, got {type(t).__name__}", TypeError)
+        if t is not None and t.device != x.device:
+            _fail(f"{label} is on {t.device} but x is on {x.device}")
+    for label, t in named[:9]:
+        if t is not None and not t.is_floating_point():
+            _fail(f"{label} must be a floating-point tensor, got {t.dtype}", TypeError)
+    for label, t in named[9:]:
+        if t is not None and (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool):
+            _fail(f"{label} must be an integer tensor, got {t.dtype}", TypeError)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        _fail(f"chunk_size must be a positive int, got {chunk_size!r}", TypeError)
+    if x.dim() != 4:
+        _fail(f"x must be (batch, seqlen, nheads, headdim), got {tuple(x.shape)}")
+    batch, length, nheads, headdim = x.shape
+    if B.dim() != 4 or B.shape[:2] != (batch, length) or B.shape[2] < 1 or nheads % B.shape[2]:
+        _fail(f"B must be (batch, seqlen, ngroups, dstate)=({batch}, {length}, ngroups, dstate) with "
+              f"ngroups dividing nheads={nheads}, got {tuple(B.shape)}")
+    dstate = B.shape[3]
+    want = {"dt": (batch, length, nheads), "A": (nheads,), "C": tuple(B.shape), "z": tuple(x.shape),
+            "dt_bias": (nheads,), "initial_states": (batch, nheads, headdim, dstate),
+            "seq_idx": (batch, length)}
+    given = dict(dt=dt, A=A, C=C, z=z, dt_bias=dt_bias, initial_states=initial_states, seq_idx=seq_idx)
+    for label, shape in want.items():
+        t = given[label]
+        if t is not None and tuple(t.shape) != shape:
+            _fail(f"{label} must have shape {shape}, got {tuple(t.shape)}")
+    if D is not None and tuple(D.shape) not in ((nheads,), (nheads, headdim)):
+        _fail(f"D must have shape ({nheads},) or {(nheads, headdim)}, got {tuple(D.shape)}")
+    if len(tuple(dt_limit)) != 2:
+        _fail(f"dt_limit must be a pair (min, max), got {dt_limit!r}")
+    if cu_seqlens is not None:
+        if batch != 1:
+            _fail(f"cu_seqlens needs the sequences packed into one row (batch 1), got batch {batch}")
+        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+            _fail(f"cu_seqlens must be (num_sequences + 1,), got {tuple(cu_seqlens.shape)}")
+        cu = cu_seqlens.tolist()
+        if cu[0] != 0 or cu[-1] != length or any(b < a for a, b in zip(cu[:-1], cu[1:], strict=True)):
+            _fail(f"cu_seqlens must start at 0, never decrease and end at seqlen={length}, got {cu}")
+        if seq_idx is not None:
+            changes = (seq_idx[0, 1:] != seq_idx[0, :-1]).nonzero().flatten().add(1).tolist()
+            if changes != sorted(set(cu[1:-1]) - {0, length}):
+                _fail(f"seq_idx changes at positions {changes} but cu_seqlens starts sequences at "
+                      f"{cu[1:-1]}; pass one or make them agree")
+
+
+def _varlen_states(x, dt, A, B, cu_seqlens, initial_states):
+    """Final state of each sequence of the packed row: sum over its positions s of
+    exp(dA from s+1 to its end) dt_s x_s B_s^T, plus the decayed initial state for the first."""
+    nheads, ngroups = x.shape[2], B.shape[2]
+    bounds = cu_seqlens.tolist()
+    states = []
+    for i, (s, e) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+        cum = torch.cumsum((dt[0, s:e] * A).double(), dim=0)  # [len,h], float64: long documents
+        total = cum[-1] if e > s else cum.new_zeros(nheads)
+        weight = (torch.exp(total - cum).to(x.dtype) * dt[0, s:e])  # [len,h]
+        Bh = B[0, s:e].repeat_interleave(nheads // ngroups, dim=1)  # [len,h,n]
+        state = torch.einsum("lh,lhp,lhn->hpn", weight, x[0, s:e], Bh)
+        if i == 0 and initial_states is not None:
+            state = state + torch.exp(total).to(x.dtype)[:, None, None] * initial_states[0].to(x.dtype)
+        states.append(state)
+    return torch.stack(states)
+
+
 def mamba_chunk_scan_combined_torch(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None,
-                                    initial_states=None, seq_idx=None, dt_softplus=False,
-                                    dt_limit=(0.0, math.inf), return_final_states=False):
-    """Same contract as mamba_ssm.ops.triton.ssd_combined.mamba_chunk_scan_combined."""
+                                    initial_states=None, seq_idx=None, cu_seqlens=None, dt_softplus=False,
+                                    dt_limit=(0.0, math.inf), return_final_states=False,
+                                    return_varlen_states=False):
+    """Same contract as mamba_ssm.ops.triton.ssd_combined.mamba_chunk_scan_combined.
+
+    cu_seqlens [num_seqs + 1] (batch 1) marks the packed sequences: without seq_idx it also stands
+    for it (documents never leak state), and return_varlen_states=True adds their final states
+    [num_seqs, h, p, n]. Returns y, then final_states, then varlen_states, as requested.
+    """
+    check_ssd_args(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, cu_seqlens, dt_limit)
+    if return_varlen_states and cu_seqlens is None:
+        _fail("return_varlen_states=True needs cu_seqlens")
+    if cu_seqlens is not None and seq_idx is None:
+        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+        seq_idx = torch.repeat_interleave(
+            torch.arange(lengths.numel(), device=x.device, dtype=torch.int32), lengths)[None]
     dtype = x.dtype
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     dt = process_dt(dt.to(acc), None if dt_bias is None else dt_bias.to(acc), dt_softplus, dt_limit)
@@ -242,4 +329,9 @@ def mamba_chunk_scan_combined_torch(x, dt, A, B, C, chunk_size, D=None, z=None, 
     if z is not None:
         y = y * F.silu(z.to(acc))
     y = y.to(dtype)
-    return (y, final_state) if return_final_states else y
+    out = [y]
+    if return_final_states:
+        out.append(final_state)
+    if return_varlen_states:
+        out.append(_varlen_states(x.to(acc), dt, A.to(acc), B.to(acc), cu_seqlens, initial_states))
+    return out[0] if len(out) == 1 else tuple(out)

@@ -108,7 +108,7 @@ def test_ssd_dt_limit_and_gradcheck():
 
 def test_ssd_rejects_groups_that_do_not_divide_heads():
     inp = ssd_inputs(1, 8, 3, 2, 2, 4, dtype=torch.float32)
-    with pytest.raises(ValueError, match="ngroups=2 must divide"):
+    with pytest.raises(ValueError, match="ngroups dividing nheads=3, got \\(1, 8, 2, 4\\)"):
         mamba_chunk_scan_combined(**inp, chunk_size=4)
 
 

@@ -8,13 +8,20 @@
  * Layouts (contiguous):
  *   u, delta, y, dy, du, ddelta : [batch, dim, len]
  *   A, dA                       : [dim, n]
- *   B, C, dB, dC                : [batch, groups, len, n]   (dim / groups channels share a group)
+ *   B, C, dB, dC                : [batch, groups, len, n] given by element strides (batch, group,
+ *                                 time) with n contiguous; dim / groups channels share a group.
+ *                                 A stride of 0 broadcasts: a constant B (one [n] row per channel,
+ *                                 shared over batch and time) is groups = dim, strides (0, n, 0).
+ *                                 B and C may have different groups and strides.
  *   seq_idx                     : [batch, len] int32, or NULL; a change resets the state
  *   last_state                  : [batch, dim, n]
  *   ckpt                        : [batch, dim, ceil(len / K), n]  state entering step k*K
  * Each call handles channels [d0, d1); callers run disjoint ranges on separate threads.
- * dA rows are owned by the channel's thread; dB / dC are per-thread partial sums.
+ * dA rows are owned by the channel's thread; dB / dC are per-thread partial sums laid out with
+ * the same strides as B / C (a stride-0 axis accumulates into one row).
+ * The Python caller validates every shape, stride, dtype and device before calling.
  */
+
 #include <math.h>
 #include <stdint.h>
 #if defined(__SSE__)
@@ -30,25 +37,33 @@
 #include <stdlib.h>
 #include <string.h>
 
+typedef struct {
+    int64_t groups, batch, group, time; /* group count and element strides */
+} layout_t;
+
+static inline int64_t offset(const layout_t *l, int64_t b, int64_t d, int64_t dim) {
+    return b * l->batch + (d / (dim / l->groups)) * l->group;
+}
+
 static inline int is_reset(const int32_t *seq, int64_t t) {
     return seq != NULL && t > 0 && seq[t] != seq[t - 1];
 }
 
 void ss_forward(const float *u, const float *delta, const float *A, const float *B, const float *C,
                 const int32_t *seq_idx, float *y, float *last_state, float *ckpt,
-                int64_t batch, int64_t dim, int64_t n, int64_t len, int64_t groups, int64_t K,
-                int64_t d0, int64_t d1) {
+                int64_t batch, int64_t dim, int64_t n, int64_t len, int64_t K,
+                int64_t gB, int64_t sBb, int64_t sBg, int64_t sBt,
+                int64_t gC, int64_t sCb, int64_t sCg, int64_t sCt, int64_t d0, int64_t d1) {
     FTZ_BEGIN
     const int64_t nck = (len + K - 1) / K;
-    const int64_t per_group = dim / groups;
+    const layout_t lB = {gB, sBb, sBg, sBt}, lC = {gC, sCb, sCg, sCt};
     float *h = (float *)malloc(sizeof(float) * n);
     for (int64_t b = 0; b < batch; ++b) {
         const int32_t *seq = seq_idx ? seq_idx + b * len : NULL;
         for (int64_t d = d0; d < d1; ++d) {
-            const int64_t g = d / per_group;
             const float *Ad = A + d * n;
-            const float *Bg = B + (b * groups + g) * len * n;
-            const float *Cg = C + (b * groups + g) * len * n;
+            const float *Bg = B + offset(&lB, b, d, dim);
+            const float *Cg = C + offset(&lC, b, d, dim);
             const float *ud = u + (b * dim + d) * len;
             const float *dd = delta + (b * dim + d) * len;
             float *yd = y + (b * dim + d) * len;
@@ -57,7 +72,7 @@ void ss_forward(const float *u, const float *delta, const float *A, const float 
             for (int64_t t = 0; t < len; ++t) {
                 if (t % K == 0) memcpy(ck + (t / K) * n, h, sizeof(float) * n);
                 const float dt = dd[t], du = dt * ud[t];
-                const float *Bt = Bg + t * n, *Ct = Cg + t * n;
+                const float *Bt = Bg + t * sBt, *Ct = Cg + t * sCt;
                 const float keep = is_reset(seq, t) ? 0.0f : 1.0f;
                 float acc = 0.0f;
                 for (int64_t k = 0; k < n; ++k) {
@@ -76,24 +91,23 @@ void ss_forward(const float *u, const float *delta, const float *A, const float 
 void ss_backward(const float *u, const float *delta, const float *A, const float *B,
                  const float *C, const int32_t *seq_idx, const float *ckpt, const float *dy,
                  float *du_out, float *ddelta_out, float *dA, float *dB, float *dC,
-                 int64_t batch, int64_t dim, int64_t n, int64_t len, int64_t groups, int64_t K,
-                 int64_t d0, int64_t d1) {
+                 int64_t batch, int64_t dim, int64_t n, int64_t len, int64_t K,
+                 int64_t gB, int64_t sBb, int64_t sBg, int64_t sBt,
+                 int64_t gC, int64_t sCb, int64_t sCg, int64_t sCt, int64_t d0, int64_t d1) {
     FTZ_BEGIN
     const int64_t nck = (len + K - 1) / K;
-    const int64_t per_group = dim / groups;
+    const layout_t lB = {gB, sBb, sBg, sBt}, lC = {gC, sCb, sCg, sCt};
     float *hs = (float *)malloc(sizeof(float) * (K + 1) * n); /* h_{t0-1} .. h_{t1-1} */
     float *as = (float *)malloc(sizeof(float) * K * n);       /* decay a_t per step */
     float *carry = (float *)malloc(sizeof(float) * n);        /* a_{t+1} * dL/dh_{t+1} */
     for (int64_t d = d0; d < d1; ++d) {
-        const int64_t g = d / per_group;
         const float *Ad = A + d * n;
         float *dAd = dA + d * n;
         for (int64_t b = 0; b < batch; ++b) {
             const int32_t *seq = seq_idx ? seq_idx + b * len : NULL;
-            const float *Bg = B + (b * groups + g) * len * n;
-            const float *Cg = C + (b * groups + g) * len * n;
-            float *dBg = dB + (b * groups + g) * len * n;
-            float *dCg = dC + (b * groups + g) * len * n;
+            const int64_t oB = offset(&lB, b, d, dim), oC = offset(&lC, b, d, dim);
+            const float *Bg = B + oB, *Cg = C + oC;
+            float *dBg = dB + oB, *dCg = dC + oC;
             const float *ud = u + (b * dim + d) * len;
             const float *dd = delta + (b * dim + d) * len;
             const float *dyd = dy + (b * dim + d) * len;
@@ -108,7 +122,7 @@ void ss_backward(const float *u, const float *delta, const float *A, const float
                 for (int64_t t = t0; t < t1; ++t) {
                     const int64_t i = t - t0;
                     const float dt = dd[t], du = dt * ud[t];
-                    const float *Bt = Bg + t * n;
+                    const float *Bt = Bg + t * sBt;
                     const float keep = is_reset(seq, t) ? 0.0f : 1.0f;
                     for (int64_t k = 0; k < n; ++k) {
                         const float a = keep * expf(dt * Ad[k]);
@@ -119,8 +133,8 @@ void ss_backward(const float *u, const float *delta, const float *A, const float
                 for (int64_t t = t1 - 1; t >= t0; --t) {
                     const int64_t i = t - t0;
                     const float dt = dd[t], ut = ud[t], du = dt * ut, dyt = dyd[t];
-                    const float *Bt = Bg + t * n, *Ct = Cg + t * n;
-                    float *dBt = dBg + t * n, *dCt = dCg + t * n;
+                    const float *Bt = Bg + t * sBt, *Ct = Cg + t * sCt;
+                    float *dBt = dBg + t * sBt, *dCt = dCg + t * sCt;
                     const float *h_prev = hs + i * n, *h_now = hs + (i + 1) * n;
                     const float *a = as + i * n;
                     float d_du = 0.0f, d_dt = 0.0f;
