@@ -107,6 +107,10 @@ def check_tp(config: MambaConfig, tp: int) -> None:
     kinds = set(config.layer_kinds())
     if MAMBA2 in kinds:
         o = config.ssm_options(MAMBA2)
+        if o.get("norm_across_channels"):
+            raise ValueError(f"ssm_cfg.norm_across_channels=true (transformers < 5's Mamba-2) normalises over "
+                             f"all d_inner channels, which tp={tp} would split across ranks: train it with "
+                             f"--tp 1, or set norm_across_channels: false (per-group norm) for a new model")
         if o["ngroups"] % tp:  # nheads is a multiple of ngroups, so its heads split too
             raise ValueError(
                 f"ssm_cfg.ngroups={o['ngroups']} is not divisible by tp={tp}: Mamba-2 splits its B/C "
@@ -150,7 +154,7 @@ def local_attributes(kind: str, config: MambaConfig, tp: int) -> dict[str, int]:
         o = config.ssm_options(MAMBA2)
         di = o["expand"] * config.d_model // tp
         ngroups = o["ngroups"] // tp
-        return {"d_inner": di, "nheads": di // o["headdim"], "ngroups": ngroups,
+        return {"d_inner": di, "nheads": di // o["headdim"], "ngroups": ngroups, "norm_groups": ngroups,
                 "conv_dim": di + 2 * ngroups * o["d_state"]}
     if kind == MAMBA1:
         return {"d_inner": config.ssm_options(MAMBA1)["expand"] * config.d_model // tp}

@@ -1,0 +1,169 @@
+"""The trainer's settings: the recipe's YAML (model, data, optimizer, scheduler, seed) and
+NxD-style flags on top. Every mistake is a ConfigError: one line, exit 2, before anything runs."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from mamba.model import MambaConfig
+from mamba.strict import ConfigError
+from mamba.train_config import TrainConfig, load_yaml, parse_config
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = ROOT / "yamls" / "tiny.yaml"
+NKI_CHUNK = 128  # the NKI SSD kernel's chunk: sequences are whole chunks
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclass
+class Settings:
+    config_path: str
+    model: MambaConfig
+    data: str
+    seq_len: int
+    micro_batch: int
+    global_batch: int | None
+    grad_accum: int
+    tp: int
+    zero1: bool
+    dtype: str
+    max_steps: int
+    lr: float
+    min_lr_ratio: float
+    warmup_steps: int
+    betas: tuple[float, float]
+    eps: float
+    weight_decay: float
+    grad_clip: float
+    seed: int
+    shuffle: bool
+    checkpoint_dir: str | None
+    checkpoint_every: int
+    keep_last: int | None
+    resume: bool
+    init_from: str | None
+    log_every: int
+    metrics_file: str | None
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2 (argparse's own is usage + message)
+        raise ConfigError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="neuron/train.py", description="Train MambaLMHeadModel under neuronx-distributed.",
+                allow_abbrev=False)
+    p.add_argument("config", nargs="?", default=str(DEFAULT_CONFIG),
+                   help="the recipe's YAML (model, data, optimizer, scheduler, seed); default yamls/tiny.yaml")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of the YAML (as mamba/train.py)")
+    p.add_argument("--data", help="a data.prepare output folder (default: the YAML's data.local)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree")
+    p.add_argument("--zero1", action="store_true", help="ZeRO-1: optimizer state sharded over data-parallel ranks")
+    p.add_argument("--dtype", default="float32", help="weights: float32 or bfloat16 (fp32 master in ZeRO-1)")
+    p.add_argument("--micro-batch", type=int, help="rows per rank per microbatch (default data.micro_batch_size)")
+    p.add_argument("--grad-accum", type=int, help="microbatches per step (default: from data.global_batch_size)")
+    p.add_argument("--max-steps", type=int, help="optimizer steps (default: the YAML's max_duration in ba)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default optimizer.lr)")
+    p.add_argument("--min-lr-ratio", type=float, help="final lr / peak lr (default scheduler.alpha_f)")
+    p.add_argument("--warmup-steps", type=int, help="linear warmup steps (default scheduler.warmup in ba)")
+    p.add_argument("--weight-decay", type=float, help="(default optimizer.weight_decay)")
+    p.add_argument("--grad-clip", type=float, help="max grad norm, 0 = off (default grad_clip_norm)")
+    p.add_argument("--seed", type=int, help="(default the YAML's seed)")
+    p.add_argument("--checkpoint-dir", help="NxD checkpoints here (default runs/RUN_NAME/neuron-checkpoints)")
+    p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default save_interval)")
+    p.add_argument("--keep-last", type=int, help="checkpoints kept (default save_num_checkpoints_to_keep)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --checkpoint-dir")
+    p.add_argument("--init-from", help="start from a native (save_pretrained / converted) folder")
+    p.add_argument("--log-every", type=int, default=10, help="steps between log lines")
+    p.add_argument("--metrics-file", help="append one JSON line per logged step here")
+    p.add_argument("--sequence-parallel", action="store_true",
+                   help="not supported: Mamba mixers scan the whole sequence on each rank")
+    return p
+
+
+def _steps(value: str, key: str, total: int | None = None) -> int:
+    from mamba.train_config import parse_duration
+
+    amount, unit = parse_duration(value, key)
+    if unit == "dur" and total is not None:
+        return int(amount * total)
+    if unit != "ba":
+        raise ConfigError(f"{key}={value!r}: neuron/train.py counts steps; give it in ba (e.g. 100ba) "
+                          f"or use the matching flag")
+    return int(amount)
+
+
+def _positive(name: str, value, allow_zero: bool = False) -> None:
+    if value is not None and (value < 0 or (value == 0 and not allow_zero)):
+        raise ConfigError(f"{name} {value}: must be {'>= 0' if allow_zero else '> 0'}")
+
+
+def parse_settings(argv: list[str], world_size: int = 1) -> Settings:
+    """argv (without the program name) -> Settings, or a one-line ConfigError."""
+    args = build_parser().parse_args(argv)
+    if args.config and "=" in args.config:  # only overrides were given
+        args.overrides.insert(0, args.config)
+        args.config = str(DEFAULT_CONFIG)
+    if args.sequence_parallel:
+        raise ConfigError("--sequence-parallel is not supported: each Mamba mixer scans the whole sequence "
+                          "on its rank (TP splits heads instead); drop the flag")
+    if args.dtype not in DTYPES:
+        raise ConfigError(f"--dtype {args.dtype}: must be one of {', '.join(DTYPES)}")
+    for name in ("tp", "micro_batch", "grad_accum", "max_steps", "checkpoint_every", "log_every", "lr"):
+        _positive(f"--{name.replace('_', '-')}", getattr(args, name))
+    _positive("--keep-last", args.keep_last)
+    for name in ("warmup_steps", "weight_decay", "grad_clip", "seed", "min_lr_ratio"):
+        _positive(f"--{name.replace('_', '-')}", getattr(args, name), allow_zero=True)
+    if args.min_lr_ratio is not None and args.min_lr_ratio > 1:
+        raise ConfigError(f"--min-lr-ratio {args.min_lr_ratio}: must be between 0 and 1")
+    cfg: TrainConfig = parse_config(load_yaml(args.config, args.overrides))
+    seq_len = cfg.data.seq_len
+    if seq_len % NKI_CHUNK:
+        raise ConfigError(f"data.seq_len={seq_len}: must be a multiple of {NKI_CHUNK} (the NKI scan's chunk), "
+                          f"e.g. {max(NKI_CHUNK, seq_len // NKI_CHUNK * NKI_CHUNK)}")
+    if args.tp > 1 and world_size % args.tp:
+        raise ConfigError(f"--tp {args.tp} does not divide the world size {world_size}")
+    dp = max(1, world_size // args.tp)
+    micro = args.micro_batch or cfg.data.micro_batch_size
+    if args.grad_accum is not None:
+        accum, global_batch = args.grad_accum, None
+    else:
+        global_batch = cfg.data.global_batch_size
+        if global_batch % (micro * dp):
+            raise ConfigError(f"data.global_batch_size={global_batch} is not a multiple of micro batch {micro} x "
+                              f"data-parallel ranks {dp}; change it or give --grad-accum")
+        accum = global_batch // (micro * dp)
+    if args.dtype == "bfloat16" and not args.zero1:
+        raise ConfigError("--dtype bfloat16 needs --zero1 (its optimizer keeps the fp32 master weights)")
+    if args.max_steps is not None:
+        max_steps = args.max_steps
+    elif cfg.max_duration is not None:
+        max_steps = _steps(cfg.max_duration, "max_duration")
+    else:
+        raise ConfigError("the YAML gives data.n_total_tokens, not max_duration: give --max-steps")
+    data = args.data or cfg.data.local
+    if args.init_from and not Path(args.init_from, "config.json").is_file():
+        raise ConfigError(f"--init-from {args.init_from}: no config.json there (a save_pretrained folder)")
+    checkpoint_dir = args.checkpoint_dir or os.path.join("runs", cfg.run_name, "neuron-checkpoints")
+    if args.resume and not args.checkpoint_dir and not os.path.isdir(checkpoint_dir):
+        raise ConfigError(f"--resume: no checkpoints in {checkpoint_dir}; give --checkpoint-dir")
+    keep = args.keep_last if args.keep_last is not None else cfg.save_num_checkpoints_to_keep
+    return Settings(
+        config_path=args.config, model=cfg.model.mamba_config(), data=data, seq_len=seq_len,
+        micro_batch=micro, global_batch=global_batch, grad_accum=accum, tp=args.tp, zero1=args.zero1,
+        dtype=args.dtype, max_steps=max_steps, lr=args.lr or cfg.optimizer.lr,
+        min_lr_ratio=cfg.scheduler.alpha_f if args.min_lr_ratio is None else args.min_lr_ratio,
+        warmup_steps=(args.warmup_steps if args.warmup_steps is not None
+                      else _steps(cfg.scheduler.warmup, "scheduler.warmup", max_steps)),
+        betas=tuple(cfg.optimizer.betas), eps=cfg.optimizer.eps,
+        weight_decay=cfg.optimizer.weight_decay if args.weight_decay is None else args.weight_decay,
+        grad_clip=cfg.grad_clip_norm if args.grad_clip is None else args.grad_clip,
+        seed=cfg.seed if args.seed is None else args.seed, shuffle=cfg.data.shuffle,
+        checkpoint_dir=checkpoint_dir,
+        checkpoint_every=args.checkpoint_every or _steps(cfg.save_interval, "save_interval"),
+        keep_last=None if keep in (-1, 0) else keep, resume=args.resume, init_from=args.init_from,
+        log_every=args.log_every, metrics_file=args.metrics_file)

@@ -1,0 +1,189 @@
+"""Where neuron/ runs and how it joins its ranks.
+
+Three modes, chosen by the environment the Neuron SDK and torchrun already use:
+  * neuron  — trn1/trn2 (PJRT_DEVICE=NEURON, set by the Neuron venv): XLA devices, `xla` backend.
+  * xla_cpu — PJRT_DEVICE=CPU without NXD_CPU_MODE: torch-xla's CPU device, one process only
+              (it has no cross-process collectives: 2 ranks would run silently unconnected).
+  * cpu     — NXD_CPU_MODE=1: neuronx-distributed's CPU mode, plain CPU tensors, gloo; real
+              multi-rank tensor parallelism (how the TP tests run without Trainium).
+
+Without the Neuron SDK (torch_neuronx / neuronxcc absent), neuronx-distributed still imports
+once a few of their names are stood in for; they belong to NKI kernels and inference tracing,
+which this trainer never calls. With the SDK installed the real packages are used, untouched.
+"""
+
+from __future__ import annotations
+
+import collections
+import importlib.util
+import os
+import sys
+import types
+from dataclasses import dataclass
+
+import torch
+
+NEURON, XLA_CPU, CPU = "neuron", "xla_cpu", "cpu"
+
+
+def mode() -> str:
+    if int(os.environ.get("NXD_CPU_MODE", "0") or 0) > 0:
+        return CPU
+    if os.environ.get("PJRT_DEVICE", "") == "CPU":
+        return XLA_CPU
+    return NEURON
+
+
+def _module(name: str, **attrs) -> types.ModuleType:
+    module = types.ModuleType(name)
+    module.__dict__.update(attrs)
+    module.__path__ = []  # a package, so that submodules resolve
+    sys.modules[name] = module
+    return module
+
+
+class _NeedsNeuronSDK:
+    """Stands in for an inference-tracing class; using it says what is missing."""
+
+    def __init__(self, *args, **kwargs):
+        raise RuntimeError("this neuronx-distributed feature needs the Neuron SDK (torch-neuronx)")
+
+
+class _CollectivesConfig:
+    """Ring-attention send/receive pairs; context parallelism is not used here."""
+
+    def __init__(self, replica_groups=None, **kwargs):
+        self.rank_src_tgt_pairs = collections.defaultdict(list)
+
+
+def _stand_in_for_neuron_sdk() -> bool:
+    """Register stand-ins when the Neuron SDK is missing; True if it did. Never defines
+    libneuronxla.libneuronpjrt_path (torch_xla would switch itself to Neuron mode)."""
+    if "torch_neuronx" in sys.modules or importlib.util.find_spec("torch_neuronx") is not None:
+        return False
+    _module("torch_neuronx")
+    _module("torch_neuronx.utils", get_platform_target=lambda: "trn1")
+    _module("torch_neuronx.xla_impl")
+    _module("torch_neuronx.xla_impl.ops", Argmax=None, Softmax=None, TopK=None)
+    if "neuronxcc" not in sys.modules and importlib.util.find_spec("neuronxcc") is None:
+        _module("neuronxcc")
+        _module("neuronxcc.nki")
+        _module("neuronxcc.nki.language")
+        _module("neuronxcc.nki.kernels")
+        _module("neuronxcc.nki.kernels.attention", FlashConfig=_NeedsNeuronSDK)
+        _module("neuronxcc.nki._private_kernels")
+        _module("neuronxcc.nki._private_kernels.collectives", CollectivesConfig=_CollectivesConfig)
+    absent = _NeedsNeuronSDK
+    _module("neuronx_distributed.trace", ModelBuilder=absent, parallel_model_load=absent,
+            parallel_model_save=absent, parallel_model_trace=absent)
+    _module("neuronx_distributed.trace.model_builder_v2", ModelBuilder=absent)
+    _module("neuronx_distributed.trace.functions", shard_checkpoint=absent)
+    _module("neuronx_distributed.trace.nxd_model", BaseNxDModel=absent, NxDModel=absent,
+            TorchScriptNxDModel=absent, convert_nxd_model_to_torchscript_model=absent)
+    _module("neuronx_distributed.trace.parallel_context", NxDParallelState=absent)
+    return True
+
+
+def missing_packages() -> list[str]:
+    """The pip packages neuron/ needs that this environment lacks (empty when all are there)."""
+    return [pip for module, pip in (("torch_xla", "torch-xla"), ("neuronx_distributed", "neuronx-distributed"))
+            if importlib.util.find_spec(module) is None]
+
+
+def import_nxd():
+    """neuronx_distributed, importable with or without the Neuron SDK."""
+    missing = missing_packages()
+    if missing:
+        raise ImportError(f"neuron/ needs {' and '.join(missing)}: on trn1 use the Neuron SDK venv; "
+                          f"for CPU tests: pip install -r neuron/requirements-cpu-test.txt")
+    os.environ.setdefault("PJRT_DEVICE", "CPU" if mode() != NEURON else "NEURON")
+    _stand_in_for_neuron_sdk()
+    import neuronx_distributed
+
+    if not hasattr(torch, "xla"):
+        # torch.utils.checkpoint looks up torch.<device type> for RNG states; torch-xla 2.7 registers
+        # none, so checkpointed model code would fail on XLA. Without `_initialized` it skips them.
+        torch._register_device_module("xla", types.ModuleType("torch.xla"))
+    if mode() == XLA_CPU:
+        # NxD treats only PJRT_DEVICE=NEURON as PJRT; torch-xla's CPU device is one too.
+        import neuronx_distributed.parallel_layers.utils as nxd_utils
+
+        nxd_utils.is_pjrt_device = lambda: True
+    return neuronx_distributed
+
+
+@dataclass
+class World:
+    mode: str
+    rank: int
+    world_size: int
+    tp: int
+    tp_rank: int
+    dp: int
+    dp_rank: int
+    device: torch.device
+
+
+def init_distributed(tp: int) -> World:
+    """Join the ranks (torchrun's environment, or a world of one) and build NxD's TP/DP groups."""
+    nxd = import_nxd()
+    from neuronx_distributed.parallel_layers import parallel_state as ps
+
+    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"),
+                       ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(key, value)
+    if "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = str(_free_port())
+    world_size = int(os.environ["WORLD_SIZE"])
+    run_mode = mode()
+    if run_mode == XLA_CPU and world_size != 1:
+        raise ValueError(f"WORLD_SIZE={world_size} on XLA:CPU: torch-xla's CPU device has no cross-process "
+                         "collectives; use one process, or NXD_CPU_MODE=1 (gloo) for multi-rank CPU runs")
+    if world_size % tp:
+        raise ValueError(f"--tp {tp} does not divide the world size {world_size}")
+    if not torch.distributed.is_initialized():
+        if run_mode == CPU:
+            torch.distributed.init_process_group("gloo")
+        else:
+            import torch_xla.distributed.xla_backend  # noqa: F401 - registers the xla backend
+
+            torch.distributed.init_process_group("xla", init_method="xla://")
+    if not ps.model_parallel_is_initialized():
+        ps.initialize_model_parallel(tensor_model_parallel_size=tp)
+    if run_mode == CPU:
+        device = torch.device("cpu")
+    else:
+        import torch_xla.core.xla_model as xm
+
+        device = xm.xla_device()
+    del nxd
+    return World(run_mode, torch.distributed.get_rank(), world_size, tp,
+                 ps.get_tensor_model_parallel_rank(), ps.get_data_parallel_size(),
+                 ps.get_data_parallel_rank(), device)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def mark_step() -> None:
+    """Cut the XLA graph here (a no-op in gloo CPU mode)."""
+    if mode() != CPU:
+        import torch_xla.core.xla_model as xm
+
+        xm.mark_step()
+
+
+def barrier(tag: str = "neuron barrier") -> None:
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return
+    if mode() == CPU:
+        torch.distributed.barrier()
+    else:
+        import torch_xla.core.xla_model as xm
+
+        xm.rendezvous(tag)

@@ -1,0 +1,139 @@
+"""The pieces of the training loop: model, optimizer, schedule, data, one optimizer step.
+
+The step follows neuronx-distributed's conventions: microbatches accumulate gradients with
+`xm.mark_step()` after each backward (one graph per microbatch), then one optimizer step and a
+mark_step. The loss is the cross entropy summed over labelled tokens and divided by the labelled
+tokens of the whole step (all microbatches, all data-parallel ranks), so microbatches and ranks
+are weighted by labelled tokens, as in the Composer recipe.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from mamba.model import MambaLMHeadModel, no_weight_decay_names
+from neuron.config import Settings
+from neuron.parallel import lm_loss, parallelize
+from neuron.runtime import CPU, World, import_nxd, mark_step
+
+
+def build_model(s: Settings, world: World) -> MambaLMHeadModel:
+    """The full model (seeded, or --init-from) cut to this rank, in --dtype, on the device."""
+    torch.manual_seed(s.seed)
+    if s.init_from:
+        model = MambaLMHeadModel.from_pretrained(s.init_from)
+        if model.config.to_dict() != s.model.to_dict():
+            raise ValueError(f"--init-from {s.init_from}: its config.json differs from the YAML's model section")
+    else:
+        model = MambaLMHeadModel(s.model)
+    model = parallelize(model, s.tp)
+    if s.dtype == "bfloat16":
+        model.to(torch.bfloat16)
+    return model.to(world.device)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay on matrices; none on A_log, D, dt_bias, norms and biases (as the recipe)."""
+    no_decay = no_weight_decay_names(model)
+    params = dict(model.named_parameters())
+    return [{"params": [p for n, p in params.items() if n not in no_decay], "weight_decay": weight_decay},
+            {"params": [p for n, p in params.items() if n in no_decay], "weight_decay": 0.0}]
+
+
+def build_optimizer(model: torch.nn.Module, s: Settings, world: World) -> torch.optim.Optimizer:
+    groups = param_groups(model, s.weight_decay)
+    kwargs = dict(lr=s.lr, betas=s.betas, eps=s.eps)
+    if not s.zero1:
+        return torch.optim.AdamW(groups, **kwargs)
+    import_nxd()
+    from neuronx_distributed.parallel_layers import parallel_state as ps
+
+    if world.mode == CPU:  # NeuronZero1Optimizer takes XLA tensors only; torch's shards over gloo
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        zero = ZeroRedundancyOptimizer(groups[0]["params"], optimizer_class=torch.optim.AdamW,
+                                       process_group=ps.get_data_parallel_group(), weight_decay=s.weight_decay,
+                                       **kwargs)
+        zero.add_param_group(groups[1])
+        return zero
+    from neuronx_distributed.optimizer import NeuronZero1Optimizer
+
+    return NeuronZero1Optimizer(
+        groups, torch.optim.AdamW, optimizer_dtype=torch.float32, grad_clipping=s.grad_clip > 0,
+        max_norm=s.grad_clip or 1.0, pin_layout=False, sharding_groups=ps.get_data_parallel_replica_groups(),
+        grad_norm_groups=ps.get_tensor_model_parallel_replica_groups(), save_master_weights=True, **kwargs)
+
+
+def lr_at(step: int, s: Settings) -> float:
+    """Linear warmup to s.lr over warmup_steps, then cosine down to min_lr_ratio * lr at max_steps."""
+    if step < s.warmup_steps:
+        return s.lr * (step + 1) / s.warmup_steps
+    span = max(1, s.max_steps - s.warmup_steps)
+    progress = min(1.0, (step - s.warmup_steps) / span)
+    floor = s.min_lr_ratio
+    return s.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _data_parallel_sum(value: float, world: World) -> float:
+    """Labelled tokens of the whole step: summed over data-parallel ranks (host numbers)."""
+    if world.dp == 1:
+        return value
+    from neuronx_distributed.parallel_layers import parallel_state as ps
+
+    if world.mode == CPU:
+        t = torch.tensor([value], dtype=torch.float64)
+        torch.distributed.all_reduce(t, group=ps.get_data_parallel_group())
+        return float(t.item())
+    import torch_xla.core.xla_model as xm
+
+    t = torch.tensor([value], dtype=torch.float32, device=world.device)
+    return float(xm.all_reduce(xm.REDUCE_SUM, t, groups=ps.get_data_parallel_replica_groups()).item())
+
+
+def _reduce_data_parallel_grads(model: torch.nn.Module, world: World) -> None:
+    """Sum gradients over data-parallel ranks (ZeRO-1 on XLA does this itself)."""
+    if world.dp == 1:
+        return
+    from neuronx_distributed.parallel_layers import parallel_state as ps
+
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if world.mode == CPU:
+        for g in grads:
+            torch.distributed.all_reduce(g, group=ps.get_data_parallel_group())
+    else:
+        import torch_xla.core.xla_model as xm
+
+        xm.all_reduce(xm.REDUCE_SUM, grads, groups=ps.get_data_parallel_replica_groups())
+
+
+def train_step(model, optimizer, microbatches: list[dict], step: int, s: Settings, world: World) -> torch.Tensor:
+    """One optimizer step over `microbatches` (this rank's); returns the step's loss (a device tensor)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr_at(step, s)
+    labelled = sum(int((mb["labels"] != -100).sum()) for mb in microbatches)
+    normaliser = max(1.0, _data_parallel_sum(float(labelled), world)) / world.dp
+    total = torch.zeros((), device=world.device)
+    for mb in microbatches:
+        batch = {k: v.to(world.device) for k, v in mb.items()}
+        logits = model(batch["input_ids"], seq_idx=batch["seq_idx"])
+        loss = lm_loss(logits, batch["labels"], normaliser)
+        loss.backward()
+        total += loss.detach()
+        mark_step()
+    xla_zero1 = s.zero1 and world.mode != CPU
+    if not xla_zero1:  # ZeRO-1 on XLA reduces, clips and steps in one
+        _reduce_data_parallel_grads(model, world)
+        if world.dp > 1:
+            for p in model.parameters():
+                if p.grad is not None:
+                    p.grad.div_(world.dp)
+        if s.grad_clip > 0:
+            from neuronx_distributed.parallel_layers.grads import clip_grad_norm
+
+            clip_grad_norm(list(model.parameters()), s.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    mark_step()
+    return total
