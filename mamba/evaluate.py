@@ -297,19 +297,19 @@ def run_score(args: argparse.Namespace) -> dict[str, Any]:
     if not Path(args.score).is_file():
         raise UsageError(f"{args.score}: file not found")
     if args.data:
-        records = read_qa_records(args.data)
+        kept, skipped = _answerable(read_qa_records(args.data), args.unanswerable)
         by_id = read_prediction_map(args.score)
-        missing = [r.id for r in records if r.id not in by_id]
-        if any(r.id is None for r in records) or missing:
+        missing = [r.id for r in kept if r.id not in by_id]
+        if any(r.id is None for r in kept) or missing:
             first = missing[0] if missing else "(the file has no ids)"
-            raise UsageError(f"{args.score}: no prediction for {len(missing) or len(records)} question(s) of "
+            raise UsageError(f"{args.score}: no prediction for {len(missing) or len(kept)} question(s) of "
                              f"{args.data}, e.g. {first}")
-        preds = [by_id[str(r.id)] for r in records]
+        preds = [by_id[str(r.id)] for r in kept]
     else:
-        preds, records = read_prediction_rows(args.score)
-    pred_of = {id(r): p for r, p in zip(records, preds, strict=True)}
-    kept, skipped = _answerable(records, args.unanswerable)
-    preds = [pred_of[id(r)] for r in kept]
+        all_preds, records = read_prediction_rows(args.score)
+        kept, skipped = _answerable(records, args.unanswerable)
+        keep_all = args.unanswerable is not None  # the same rule as _answerable
+        preds = [p for p, r in zip(all_preds, records, strict=True) if keep_all or not r.impossible]
     if not kept:
         raise UsageError(f"{args.score}: every question is unanswerable; pass --unanswerable TEXT")
     _, scores = score_rows(preds, kept, args.unanswerable)
