@@ -12,11 +12,14 @@ import os
 import torch
 import triton
 
+# Triton 3.3 reads TRITON_INTERPRET when a @triton.jit decorator runs (at import of the kernel
+# modules, which import this one first), not at launch; so is it read here.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
 
 def interpreting() -> bool:
-    """True when kernels run in Triton's CPU interpreter. Triton 3.3 reads TRITON_INTERPRET when a
-    @triton.jit decorator runs (at import of the kernel module), not at launch."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """True when the kernels were built for Triton's CPU interpreter."""
+    return _INTERPRET
 
 
 def _bench(fn, quantiles):

@@ -92,11 +92,12 @@ def _scan_fwd(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, seq
 @autotune(_CONFIGS, key=["dstate", "BLOCK_D", "K"])
 @triton.jit
 def _scan_bwd(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, seq_ptr, ckpt_ptr, dout_ptr,
-              scratch_ptr, du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr,
+              dlast_ptr, scratch_ptr, du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr,
               dim, length, dpg, nseg, dstate, nblk,
               sBb, sBg, sBn, sBl, sCb, sCg, sCn, sCl,
               HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-              HAS_SEQ: tl.constexpr, K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+              HAS_SEQ: tl.constexpr, HAS_DLAST: tl.constexpr,
+              K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_b, pid_g, pid_d = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     ngroups = tl.num_programs(1)
     j = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -119,6 +120,9 @@ def _scan_bwd(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, seq
     dA_acc = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
     dD_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     carry = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)  # a_{t+1} * dL/dh_{t+1}
+    if HAS_DLAST:  # the last state is h_{l-1}: its gradient enters there
+        carry += tl.load(dlast_ptr + (pid_b * dim + d[:, None]) * dstate + n[None, :], mask=dn_mask,
+                         other=0.0)
     for sg in range(0, nseg):
         seg = nseg - 1 - sg
         h = tl.load(ck + seg * dstate, mask=dn_mask, other=0.0)
@@ -210,26 +214,25 @@ class _SelectiveScanTriton(torch.autograd.Function):
         out = torch.empty_like(u)
         last = u.new_empty(batch, dim, dstate, dtype=torch.float32)
         ckpt = u.new_empty(batch, dim, nseg, dstate, dtype=torch.float32) if save else last
-        dummy = last
+        opt = lambda t: last if t is None else t
         _scan_fwd[(batch, groups, nblk)](
-            u, delta, A, B, C, D if D is not None else dummy, z if z is not None else dummy,
-            delta_bias if delta_bias is not None else dummy, seq if seq is not None else dummy,
-            out, last, ckpt, dim, length, dpg, nseg, dstate, *B.stride(), *C.stride(),
+            u, delta, A, B, C, opt(D), opt(z), opt(delta_bias), opt(seq), out, last, ckpt,
+            dim, length, dpg, nseg, dstate, *B.stride(), *C.stride(),
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
             HAS_SEQ=seq is not None, SAVE_CKPT=save, K=K, BLOCK_D=block, BLOCK_N=next_pow2(dstate))
         if save:
             ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, seq, ckpt)
             ctx.softplus, ctx.K = softplus, K
-        ctx.mark_non_differentiable(last)
         return out, last
 
     @staticmethod
-    def backward(ctx, dout, _dlast):
+    def backward(ctx, dout, dlast):
         u, delta, A, B, C, D, z, delta_bias, seq, ckpt = ctx.saved_tensors
         batch, dim, length, groups, dstate, dpg, block, nblk = _geometry(u, B)
         K, nseg = ctx.K, ckpt.shape[2]
         f32 = dict(dtype=torch.float32, device=u.device)
         dout = dout.contiguous()
+        dlast = None if dlast is None else dlast.float().contiguous()
         scratch = torch.empty(batch, dim, K, dstate, **f32)
         du = torch.empty_like(u)
         ddelta = torch.empty(delta.shape, **f32) if delta_bias is not None else torch.empty_like(delta)
@@ -238,14 +241,14 @@ class _SelectiveScanTriton(torch.autograd.Function):
         dB = torch.empty(batch, groups, nblk, length, dstate, **f32)
         dC = torch.empty(batch, groups, nblk, length, dstate, **f32)
         dD = torch.empty(batch, dim, **f32) if D is not None else None
-        dummy = dA
+        opt = lambda t: dA if t is None else t  # a placeholder pointer where a flag says "absent"
         _scan_bwd[(batch, groups, nblk)](
-            u, delta, A, B, C, D if D is not None else dummy, z if z is not None else dummy,
-            delta_bias if delta_bias is not None else dummy, seq if seq is not None else dummy, ckpt, dout,
-            scratch, du, ddelta, dz if dz is not None else dummy, dA, dB, dC, dD if dD is not None else dummy,
+            u, delta, A, B, C, opt(D), opt(z), opt(delta_bias), opt(seq), ckpt, dout, opt(dlast), scratch,
+            du, ddelta, opt(dz), dA, dB, dC, opt(dD),
             dim, length, dpg, nseg, dstate, nblk, *B.stride(), *C.stride(),
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=ctx.softplus,
-            HAS_SEQ=seq is not None, K=K, BLOCK_D=block, BLOCK_N=next_pow2(dstate))
+            HAS_SEQ=seq is not None, HAS_DLAST=dlast is not None, K=K, BLOCK_D=block,
+            BLOCK_N=next_pow2(dstate))
         dbias = ddelta.sum((0, 2)).to(delta_bias.dtype) if delta_bias is not None else None
         dB = dB.sum(2).transpose(-1, -2).to(B.dtype)
         dC = dC.sum(2).transpose(-1, -2).to(C.dtype)
@@ -257,7 +260,8 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
                           return_last_state=False, seq_idx=None):
     """Same contract as kernels.selective_scan.selective_scan_torch (mamba_ssm's selective_scan_fn plus
     seq_idx [b,l], a change of which resets the state). u, delta, z: [b,d,l]; A: [d,n];
-    B, C: [b,n,l] or [b,g,n,l]; D, delta_bias: [d]. Returns y in u's dtype (and the float32 last state).
+    B, C: [b,n,l] or [b,g,n,l]; D, delta_bias: [d]. Returns y in u's dtype (and the float32 last
+    state, which unlike mamba_ssm's passes gradients back too).
     """
     check_device(u, delta, A, B, C, D, z, delta_bias, seq_idx)
     for name, t in (("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C), ("D", D), ("z", z),
