@@ -154,6 +154,28 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
                                         dt_softplus=dt_softplus, state_batch_indices=state_batch_indices)
 
 
+def _fits(*specs) -> bool:
+    """Each (tensor, shape) has exactly that shape; a (tensor, shape, None) may also be None.
+    The C decode kernels take their sizes from a few tensors and trust the rest: any call whose
+    layout they do not expect goes to the torch composition (which raises on illegal shapes)."""
+    return all((t is None and len(spec) > 2) or (t is not None and tuple(t.shape) == spec[1])
+               for spec in specs for t in spec[:1])
+
+
+def _mamba2_c_layout(batch, zxbcdt_cols, conv_state, ssm_state, conv_weight, conv_bias, A, dt_bias, D,
+                     norm_weight, ngroups) -> bool:
+    if conv_state.dim() != 3 or ssm_state.dim() != 4 or conv_weight.dim() != 2 or ngroups < 1:
+        return False
+    _, nheads, headdim, dstate = ssm_state.shape
+    d_inner, width = nheads * headdim, conv_weight.shape[1]
+    conv_dim = d_inner + 2 * ngroups * dstate
+    return (nheads % ngroups == 0 and width >= 1 and zxbcdt_cols == d_inner + conv_dim + nheads
+            and D is not None and tuple(D.shape) in ((nheads,), (d_inner,))
+            and _fits((conv_state, (batch, conv_dim, width)), (ssm_state, (batch, nheads, headdim, dstate)),
+                      (conv_weight, (conv_dim, width)), (conv_bias, (conv_dim,), None), (A, (nheads,)),
+                      (dt_bias, (nheads,)), (norm_weight, (d_inner,), None)))
+
+
 def _c_decode(*tensors) -> bool:
     return os.environ.get("MAMBA_KERNELS") != "torch" and decode.eligible(*tensors)
 
@@ -178,14 +200,16 @@ def decoding_threads(rows: int, device: torch.device):
 def linear(x, weight, bias=None):
     """F.linear; a few float32 CPU rows without autograd (decoding) use a C matrix-vector loop."""
     rows = x.numel() // max(1, x.shape[-1])
-    if rows <= decode.DECODE_MAX_ROWS and _c_decode(x, weight, bias):
+    if (rows <= decode.DECODE_MAX_ROWS and weight.dim() == 2
+            and _fits((bias, weight.shape[:1], None)) and _c_decode(x, weight, bias)):
         return decode.linear(x, weight, bias)
     return F.linear(x, weight, bias)
 
 
 def add_rms_norm(hidden, residual, weight, eps=1e-5):
     """(rmsnorm(hidden + residual) * weight, hidden + residual); residual None means hidden alone."""
-    if _c_decode(hidden, residual, weight):
+    if (_fits((residual, hidden.shape, None), (weight, hidden.shape[-1:]))
+            and _c_decode(hidden, residual, weight)):
         return decode.add_rms_norm(hidden, residual, weight, eps)
     residual = hidden if residual is None else hidden + residual
     return rms_norm(residual, weight, eps), residual
@@ -200,13 +224,16 @@ def mamba2_step(zxbcdt, conv_state, ssm_state, conv_weight, conv_bias, A, dt_bia
     D [h] or [h*p]; norm_weight [d_inner] for the grouped gated RMSNorm, or None for y * silu(z).
     Returns y [b, d_inner].
     """
-    if (ssm_state.is_contiguous() and conv_state.is_contiguous()
+    if (ssm_state.is_contiguous() and conv_state.is_contiguous() and zxbcdt.dim() == 2
+            and _mamba2_c_layout(zxbcdt.shape[0], zxbcdt.shape[1], conv_state, ssm_state, conv_weight,
+                                 conv_bias, A, dt_bias, D, norm_weight, ngroups)
             and _c_decode(zxbcdt, conv_state, ssm_state, conv_weight, conv_bias, A, dt_bias, D,
                           norm_weight)):
         return decode.mamba2_step(zxbcdt, conv_state, ssm_state, conv_weight, conv_bias, A, dt_bias,
                                   D, norm_weight, norm_eps, norm_before_gate, ngroups, dt_limit)
     batch = zxbcdt.shape[0]
     _, nheads, p, n = ssm_state.shape
+    dt_bias = zxbcdt.new_zeros(nheads) if dt_bias is None else dt_bias
     d_inner = nheads * p
     z, xBC, dt = zxbcdt.split([d_inner, conv_state.shape[1], nheads], dim=-1)
     xBC = causal_conv1d_update(xBC, conv_state, conv_weight, conv_bias, activation="silu")
@@ -238,7 +265,15 @@ def mamba2_block_step(hidden, residual, norm_weight, norm_eps, in_weight, in_bia
     out_proj weights [out, in] and biases (or None). One C call on CPU for a few float32 rows.
     """
     rows = hidden.numel() // hidden.shape[-1]
+    d_model = hidden.shape[-1]
+    d_inner = ssm_state.shape[1] * ssm_state.shape[2] if ssm_state.dim() == 4 else -1
     if (rows <= decode.DECODE_MAX_ROWS and ssm_state.is_contiguous() and conv_state.is_contiguous()
+            and in_weight.dim() == 2
+            and _mamba2_c_layout(rows, in_weight.shape[0], conv_state, ssm_state, conv_weight, conv_bias, A,
+                                 dt_bias, D, gate_norm_weight, ngroups)
+            and _fits((residual, hidden.shape, None), (norm_weight, (d_model,)),
+                      (in_weight, (in_weight.shape[0], d_model)), (in_bias, in_weight.shape[:1], None),
+                      (out_weight, (d_model, d_inner)), (out_bias, (d_model,), None))
             and _c_decode(hidden, residual, norm_weight, in_weight, in_bias, conv_state, ssm_state,
                           conv_weight, conv_bias, A, dt_bias, D, gate_norm_weight, out_weight, out_bias)):
         return decode.mamba2_block_step(hidden, residual, norm_weight, norm_eps, in_weight, in_bias,
@@ -266,11 +301,28 @@ def mamba1_block_step(hidden, residual, norm_weight, norm_eps, in_weight, in_bia
     tensors = (hidden, residual, norm_weight, in_weight, in_bias, conv_state, ssm_state, conv_weight,
                conv_bias, x_proj_weight, dt_proj_weight, dt_bias, A, D, out_weight, out_bias)
     if (rows <= decode.DECODE_MAX_ROWS and ssm_state.is_contiguous() and conv_state.is_contiguous()
-            and _c_decode(*tensors)):
+            and _mamba1_c_layout(rows, *tensors) and _c_decode(*tensors)):
         return decode.mamba1_block_step(*tensors[:2], norm_weight, norm_eps, *tensors[3:])
     u, residual = add_rms_norm(hidden, residual, norm_weight, norm_eps)
     out = mamba1_mixer_step(u, conv_state, ssm_state, *tensors[3:5], *tensors[7:])
     return out.view_as(hidden), residual
+
+
+def _mamba1_c_layout(rows, hidden, residual, norm_weight, in_weight, in_bias, conv_state, ssm_state,
+                     conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_bias, A, D, out_weight,
+                     out_bias) -> bool:
+    if ssm_state.dim() != 3 or conv_weight.dim() != 2 or dt_proj_weight.dim() != 2 or out_weight is None:
+        return False
+    d_model, (_, d_inner, dstate) = hidden.shape[-1], ssm_state.shape
+    width, dt_rank = conv_weight.shape[1], dt_proj_weight.shape[1]
+    return width >= 1 and _fits(
+        (residual, hidden.shape, None), (norm_weight, (d_model,)), (in_weight, (2 * d_inner, d_model)),
+        (in_bias, (2 * d_inner,), None), (conv_state, (rows, d_inner, width)),
+        (ssm_state, (rows, d_inner, dstate)),
+        (conv_weight, (d_inner, width)), (conv_bias, (d_inner,), None),
+        (x_proj_weight, (dt_rank + 2 * dstate, d_inner)), (dt_proj_weight, (d_inner, dt_rank)),
+        (dt_bias, (d_inner,)), (A, (d_inner, dstate)), (D, (d_inner,)), (out_weight, (d_model, d_inner)),
+        (out_bias, (d_model,), None))
 
 
 def mamba1_mixer_step(u, conv_state, ssm_state, in_weight, in_bias, conv_weight, conv_bias, x_proj_weight,

@@ -780,3 +780,55 @@ def test_property_mutated_scan_shapes_raise_or_match_reference(arg, axis, step, 
         assert "must" in str(exc) and "got" in str(exc)
         return
     close(y, selective_scan_ref(**inp, delta_softplus=True)[0])
+
+
+# ---------------------------------------------------------------- the C decode kernels' gate
+@pytest.mark.parametrize("step", ["mamba2_step", "mamba1_block_step"])
+def test_decode_steps_with_a_width_minus_1_conv_state(step):
+    """A conv state of width - 1 columns is legal for causal_conv1d_update; the fused C decode
+    steps read width columns per channel, so such calls must take the torch composition (the
+    C kernel used to run on them and read past each channel's state)."""
+    from kernels import dispatch
+
+    b, width = 2, 4
+    if step == "mamba2_step":
+        h, p, n, g = 4, 3, 5, 2
+        conv_dim = h * p + 2 * g * n
+        zx = torch.randn(b, h * p + conv_dim + h)
+        weights = (
+            torch.randn(conv_dim, width),
+            torch.randn(conv_dim),
+            -torch.rand(h),
+            torch.randn(h),
+            torch.randn(h),
+            torch.randn(h * p),
+        )
+        states = (torch.randn(b, conv_dim, width), torch.randn(b, h, p, n))
+
+        def run(conv_state, ssm_state):
+            return dispatch.mamba2_step(zx, conv_state, ssm_state, *weights, ngroups=g)
+    else:
+        d_model, d_inner, n, r = 6, 8, 4, 2
+        hidden = torch.randn(b, d_model)
+        weights = (torch.ones(d_model), 1e-5, torch.randn(2 * d_inner, d_model), None)
+        rest = (
+            torch.randn(d_inner, width),
+            torch.randn(d_inner),
+            torch.randn(r + 2 * n, d_inner),
+            torch.randn(d_inner, r),
+            torch.randn(d_inner),
+            -torch.rand(d_inner, n),
+            torch.randn(d_inner),
+            torch.randn(d_model, d_inner),
+        )
+        states = (torch.randn(b, d_inner, width), torch.randn(b, d_inner, n))
+
+        def run(conv_state, ssm_state):
+            return dispatch.mamba1_block_step(hidden, None, *weights, conv_state, ssm_state, *rest)[0]
+
+    full = [s.clone() for s in states]
+    short = [states[0][:, :, 1:].clone(), states[1].clone()]  # the same history, one column shorter
+    with torch.no_grad():
+        close(run(*short), run(*full))
+    close(short[0], full[0][:, :, 1:])
+    close(short[1], full[1])
