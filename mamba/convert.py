@@ -9,11 +9,18 @@ save it; any folder reader also accepts it), composer (a Composer checkpoint, mo
 sharded folder, with --config).
 Writes: native, hf, state-spaces. Tensors stream one at a time; the output folder appears only
 when complete.
+
+Mamba-2's gated RMSNorm with n_groups > 1 comes in two forms: per group (state-spaces, NVIDIA,
+transformers >= 5; our default) and across all channels (transformers < 5). `--gated-norm` sets
+it for any source; without it an hf source decides by the transformers_version it was saved
+with. `--to hf` warns when the target transformers (`--transformers-version`, default: the
+installed one) would compute the other form.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import shutil
 import sys
@@ -23,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from mamba.interop.hf import hf_config, read_hf, write_hf
+from mamba.interop.hf import GATED_NORMS, hf_config, mamba2_ngroups, read_hf, with_gated_norm, write_hf
 from mamba.interop.megatron import read_megatron
 from mamba.interop.native import read_composer, read_folder, write_native, write_state_spaces
 from mamba.interop.tensors import Checkpoint, ConvertError
@@ -38,30 +45,38 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def read_checkpoint(fmt: str, src: str | Path, *, config: str | Path | None = None,
                     ngroups: int | None = None, num_heads: int | None = None,
                     num_kv_heads: int | None = None, mlp_activation: str | None = None,
-                    unsafe_pickle: bool = False) -> Checkpoint:
+                    unsafe_pickle: bool = False, gated_norm: str | None = None) -> Checkpoint:
     src = Path(src)
     if fmt not in READ_FORMATS:
         raise ConvertError(f"--from {fmt!r}: unknown format; use one of {', '.join(READ_FORMATS)}")
+    if gated_norm is not None and gated_norm not in GATED_NORMS:
+        raise ConvertError(f"--gated-norm {gated_norm!r}: use one of {', '.join(GATED_NORMS)}")
     if not src.exists():
         raise ConvertError(f"{src}: no such file or folder")
-    if fmt in ("native", "state-spaces", "split"):
-        return read_folder(src)
     if fmt == "hf":
         if not src.is_dir():
             raise ConvertError(f"{src}: expected a Hugging Face folder")
-        return read_hf(src)
-    if fmt == "megatron":
-        return read_megatron(src, ngroups=ngroups, num_heads=num_heads, num_kv_heads=num_kv_heads,
+        return read_hf(src, gated_norm)
+    if fmt in ("native", "state-spaces", "split"):
+        ckpt = read_folder(src)
+    elif fmt == "megatron":
+        ckpt = read_megatron(src, ngroups=ngroups, num_heads=num_heads, num_kv_heads=num_kv_heads,
                              mlp_activation=mlp_activation, unsafe=unsafe_pickle)
-    return read_composer(src, Path(config) if config else None, unsafe=unsafe_pickle)
+    else:
+        ckpt = read_composer(src, Path(config) if config else None, unsafe=unsafe_pickle)
+    if gated_norm is not None:
+        if not mamba2_ngroups(ckpt.config):
+            raise ConvertError(f"--gated-norm {gated_norm}: {src} has no Mamba-2 layers")
+        ckpt.config = with_gated_norm(ckpt.config, gated_norm == GATED_NORMS[1])
+    return ckpt
 
 
 def convert(from_format: str, src: str | Path, to_format: str, dst: str | Path, *,
             tokenizer: str | Path | None = None, config: str | Path | None = None,
             ngroups: int | None = None, num_heads: int | None = None,
             num_kv_heads: int | None = None, mlp_activation: str | None = None,
-            dtype: str | None = None, unsafe_pickle: bool = False,
-            overwrite: bool = False) -> list[str]:
+            dtype: str | None = None, unsafe_pickle: bool = False, overwrite: bool = False,
+            gated_norm: str | None = None, transformers_version: str | None = None) -> list[str]:
     """Convert SRC (in from_format) to a folder DST (in to_format). Returns notes for the user
     (e.g. that a hybrid was written in state-spaces form because transformers has no class)."""
     dst = Path(dst)
@@ -73,8 +88,9 @@ def convert(from_format: str, src: str | Path, to_format: str, dst: str | Path, 
         raise ConvertError(f"{dst} exists; pass --overwrite to replace it")
     ckpt = read_checkpoint(from_format, src, config=config, ngroups=ngroups, num_heads=num_heads,
                            num_kv_heads=num_kv_heads, mlp_activation=mlp_activation,
-                           unsafe_pickle=unsafe_pickle)
-    writer = {"native": write_native, "hf": write_hf, "state-spaces": write_state_spaces}[to_format]
+                           unsafe_pickle=unsafe_pickle, gated_norm=gated_norm)
+    writer = {"native": write_native, "hf": functools.partial(write_hf, target_version=transformers_version),
+              "state-spaces": write_state_spaces}[to_format]
     if to_format == "hf":
         try:
             hf_config(ckpt.config)
@@ -125,6 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-kv-heads", type=int, help="megatron: attention KV groups (GQA)")
     p.add_argument("--mlp-activation", choices=("gelu", "relu2"),
                    help="megatron: MLP activation (default from args: relu2 if squared_relu else gelu)")
+    p.add_argument("--gated-norm", choices=GATED_NORMS,
+                   help="Mamba-2 gated RMSNorm when n_groups > 1: per-group (state-spaces, NVIDIA, "
+                        "transformers >= 5) or across-channels (transformers < 5). Default: from the "
+                        "source (hf: the transformers_version that saved it)")
+    p.add_argument("--transformers-version", metavar="VERSION",
+                   help="hf export: the transformers that will load DST, to warn if it would compute "
+                        "the gated norm differently (default: the installed version)")
     p.add_argument("--dtype", choices=tuple(DTYPES), help="cast floating tensors (default: keep)")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     p.add_argument("--unsafe-pickle", action="store_true",
@@ -142,7 +165,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         config=args.config, ngroups=args.ngroups, num_heads=args.num_heads,
                         num_kv_heads=args.num_kv_heads, mlp_activation=args.mlp_activation,
                         dtype=args.dtype, unsafe_pickle=args.unsafe_pickle,
-                        overwrite=args.overwrite)
+                        overwrite=args.overwrite, gated_norm=args.gated_norm,
+                        transformers_version=args.transformers_version)
     except ConvertError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

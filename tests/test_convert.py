@@ -472,3 +472,148 @@ def test_cli_user_errors_exit_2(tmp_path, capsys):
 
     written = load_file(str(tmp_path / "exists" / "model.safetensors"))
     assert {t.dtype for t in written.values()} == {torch.bfloat16}
+
+
+# ---------------------------------------------------------------- checkpoint dialects (issue 13.9)
+@pytest.mark.parametrize("conv_dims", [3, 2])
+def test_megatron_conv_stored_as_parameters_converts(tmp_path, conv_dims):
+    """Newer Megatron-LM: mixer.conv1d_weight / mixer.conv1d_bias parameters, no conv1d module."""
+    model = nvidia_hybrid()
+    write_megatron(tmp_path / "meg", model, tp=2)
+    for rank in sorted((tmp_path / "meg" / "release").glob("mp_rank_*")):
+        blob = torch.load(rank / "model_optim_rng.pt", weights_only=False)
+        state = {}
+        for key, value in blob["model"].items():
+            if key.endswith("mixer.conv1d.weight"):
+                key, value = key.replace("conv1d.weight", "conv1d_weight"), (
+                    value if conv_dims == 3 else value.squeeze(1))
+            state[key.replace("mixer.conv1d.bias", "mixer.conv1d_bias")] = value
+        assert any(k.endswith("conv1d_weight") for k in state)
+        blob["model"] = state
+        torch.save(blob, rank / "model_optim_rng.pt")
+    convert("megatron", tmp_path / "meg", "native", tmp_path / "out")
+    ours = load(tmp_path / "out")
+    assert_same_weights(ours, model)
+    assert torch.equal(logits(ours, 256), logits(model, 256))
+
+
+def grouped_hf_mamba2():
+    """transformers 4.x Mamba2 with n_groups > 1: its torch path normalises across all channels."""
+    return transformers.Mamba2ForCausalLM(transformers.Mamba2Config(
+        hidden_size=64, num_heads=8, head_dim=16, n_groups=4, state_size=16, expand=2, chunk_size=16,
+        num_hidden_layers=2, vocab_size=96, tie_word_embeddings=False)).eval()
+
+
+def test_transformers_4_gated_norm_is_across_channels_in_its_source():
+    import inspect
+
+    from transformers.models.mamba2 import modeling_mamba2
+
+    assert int(transformers.__version__.split(".")[0]) < 5
+    source = inspect.getsource(modeling_mamba2.MambaRMSNormGated.forward)
+    assert "pow(2).mean(-1, keepdim=True)" in source and "group" not in source
+
+
+def test_hf_4x_grouped_mamba2_converts_with_its_across_channel_norm(tmp_path, capsys):
+    torch.manual_seed(0)
+    hf = grouped_hf_mamba2()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            p.add_(torch.randn_like(p) * (0.5 if name.endswith("mixer.norm.weight") else 0.05))
+    hf.save_pretrained(tmp_path / "hf")
+    assert main(["--from", "hf", str(tmp_path / "hf"), "--to", "native", str(tmp_path / "out")]) == 0
+    assert "across all channels" in capsys.readouterr().err
+    ours = load(tmp_path / "out")
+    assert ours.config.ssm_options("M")["norm_across_channels"] is True
+    expected = logits(hf, 96)
+    assert rel_err(logits(ours, 96), expected) <= 1e-4
+    convert("hf", tmp_path / "hf", "native", tmp_path / "per_group", gated_norm="per-group")
+    per_group = load(tmp_path / "per_group")
+    assert per_group.config.ssm_options("M")["norm_across_channels"] is False
+    assert rel_err(logits(per_group, 96), expected) > 1e-2  # the switch is what makes them match
+    # greedy decoding (our recurrent step, composed for this norm) gives transformers' tokens
+    prompt = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        theirs = hf.generate(prompt, max_new_tokens=12, do_sample=False, use_cache=True)
+    assert torch.equal(ours.generate(prompt, max_new_tokens=12), theirs)
+
+
+def grouped_model(across, with_mlp=False):
+    """Two Mamba-2 layers, ngroups 4; with_mlp: state-spaces' block form (norm2 + MLP in each
+    block), whose decoding goes through the mixer's step rather than the fused block step."""
+    return randomise(MambaLMHeadModel(MambaConfig(
+        d_model=64, n_layer=2, vocab_size=96, pad_vocab_size_multiple=1, tie_embeddings=False,
+        layer_pattern=None if with_mlp else "MM", d_intermediate=80 if with_mlp else 0,
+        ssm_cfg={**SMALL_SSM, "ngroups": 4, "norm_across_channels": across,
+                 **({"layer": "Mamba2"} if with_mlp else {})})))
+
+
+@pytest.mark.parametrize("across", [True, False])
+def test_decode_steps_follow_the_gated_norm_switch(across):
+    """Token-by-token decoding (the fused block step, and the mixer step used under an MLP layer)
+    equals the full forward for either norm form."""
+    for with_mlp in (False, True):
+        model = grouped_model(across, with_mlp)
+        assert (model.backbone.layers[0].mlp is not None) == with_mlp
+        with torch.no_grad():
+            for layer in model.backbone.layers:
+                layer.mixer.norm.weight.add_(torch.randn(layer.mixer.d_inner) * 0.5)
+        ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            full = model(ids)
+            cache = model.allocate_inference_cache(2, 12)
+            steps = [model(ids[:, :5], inference_params=cache)]
+            cache.seqlen_offset = 5
+            for t in range(5, 12):
+                steps.append(model(ids[:, t:t + 1], inference_params=cache))
+                cache.seqlen_offset += 1
+        assert rel_err(torch.cat(steps, dim=1), full) <= 1e-5, with_mlp
+    other = grouped_model(not across, with_mlp)
+    other.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert rel_err(other(ids), model(ids)) > 1e-3
+
+
+def test_hf_export_warns_when_the_target_transformers_computes_the_other_norm(tmp_path, capsys):
+    installed = transformers.__version__
+    per_group, across = grouped_model(False), grouped_model(True)
+    per_group.save_pretrained(tmp_path / "pg")
+    across.save_pretrained(tmp_path / "ac")
+    assert main(["--from", "native", str(tmp_path / "pg"), "--to", "hf", str(tmp_path / "hf_pg")]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: transformers {installed} normalises Mamba-2's gated RMSNorm across all" in err
+    assert main(["--from", "native", str(tmp_path / "pg"), "--to", "hf", str(tmp_path / "hf_pg5"),
+                 "--transformers-version", "5.0.0"]) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert main(["--from", "native", str(tmp_path / "ac"), "--to", "hf", str(tmp_path / "hf_ac5"),
+                 "--transformers-version", "5.1.0"]) == 0
+    assert "warning: transformers 5.1.0 normalises Mamba-2's gated RMSNorm per group" in capsys.readouterr().err
+    assert main(["--from", "native", str(tmp_path / "ac"), "--to", "hf", str(tmp_path / "hf_ac")]) == 0
+    assert "warning" not in capsys.readouterr().err
+    hf = transformers.Mamba2ForCausalLM.from_pretrained(tmp_path / "hf_ac").eval()
+    assert rel_err(logits(hf, 96), logits(across, 96)) <= 1e-4  # the installed 4.x computes the same
+    convert("hf", tmp_path / "hf_ac", "native", tmp_path / "back")
+    assert load(tmp_path / "back").config == across.config
+    hf.save_pretrained(tmp_path / "resaved")  # transformers re-saves it: its version now speaks
+    convert("hf", tmp_path / "resaved", "native", tmp_path / "back2")
+    assert load(tmp_path / "back2").config.ssm_options("M")["norm_across_channels"] is True
+
+
+def test_gated_norm_flag_round_trips_and_state_spaces_says_it_cannot(tmp_path, capsys):
+    model = grouped_model(False)
+    model.save_pretrained(tmp_path / "pg")
+    assert main(["--from", "native", str(tmp_path / "pg"), "--to", "native", str(tmp_path / "ac"),
+                 "--gated-norm", "across-channels"]) == 0
+    assert load(tmp_path / "ac").config.ssm_options("M")["norm_across_channels"] is True
+    assert main(["--from", "native", str(tmp_path / "ac"), "--to", "state-spaces", str(tmp_path / "ss")]) == 0
+    assert "no state-spaces equivalent" in capsys.readouterr().err
+    assert load(tmp_path / "ss").config.ssm_options("M")["norm_across_channels"] is True
+    convert("native", tmp_path / "pg", "state-spaces", tmp_path / "ss_pg")
+    assert "norm_across_channels" not in json.loads((tmp_path / "ss_pg" / "config.json").read_text())["ssm_cfg"]
+    with pytest.raises(SystemExit) as exit_:
+        main(["--from", "native", str(tmp_path / "pg"), "--to", "native", str(tmp_path / "x"),
+              "--gated-norm", "sideways"])
+    assert exit_.value.code == 2 and "invalid choice: 'sideways'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="norm_across_channels"):
+        MambaConfig(d_model=64, n_layer=1, vocab_size=96, ssm_cfg={
+            "layer": "Mamba2", **SMALL_SSM, "norm_across_channels": True, "norm_before_gate": True})

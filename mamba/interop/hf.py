@@ -3,12 +3,19 @@
 HF names equal ours except `backbone.embeddings` (ours: `backbone.embedding`). HF configs carry
 the padded vocabulary as `vocab_size`; on export we also store our full config under
 `mamba_recipe_config`, so ours -> HF -> ours gives back the exact config.
+
+Mamba-2's gated RMSNorm with n_groups > 1: transformers < 5 normalises across all d_inner
+channels, transformers >= 5 (like state-spaces and NVIDIA) per group. A folder saved by
+transformers records `transformers_version`, and its model computes what that version computes,
+so import sets ssm_cfg.norm_across_channels from it (an explicit `gated_norm` wins). Our own
+export writes no transformers_version: when one is there, transformers saved the folder since.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from importlib import metadata
 from pathlib import Path
 
 import torch
@@ -25,6 +32,7 @@ from mamba.interop.tensors import (
 from mamba.model.config import MAMBA1, MAMBA2, MambaConfig
 
 RECIPE_KEY = "mamba_recipe_config"
+GATED_NORMS = ("per-group", "across-channels")
 
 
 # transformers' class defaults: a config.json may omit any field left at its default
@@ -41,7 +49,53 @@ HF_DEFAULTS = {
 }
 
 
-def config_from_hf(values: dict, where: str) -> MambaConfig:
+def transformers_major(version: str | None) -> int | None:
+    try:
+        return int(str(version).split(".")[0])
+    except ValueError:
+        return None
+
+
+def with_gated_norm(config: MambaConfig, across: bool) -> MambaConfig:
+    """The config with ssm_cfg.norm_across_channels set (left out when False, the default)."""
+    ssm = {k: v for k, v in config.ssm_cfg.items() if k != "norm_across_channels"}
+    if across:
+        ssm["norm_across_channels"] = True
+    return MambaConfig.from_dict({**config.to_dict(), "ssm_cfg": ssm})
+
+
+def mamba2_ngroups(config: MambaConfig) -> int:
+    """ngroups of the Mamba-2 layers, 0 when there are none."""
+    return config.ssm_options(MAMBA2)["ngroups"] if MAMBA2 in config.layer_kinds() else 0
+
+
+def config_from_hf(values: dict, where: str, gated_norm: str | None = None
+                   ) -> tuple[MambaConfig, list[str]]:
+    """Our config for a HF config.json, and notes for the user (how the gated norm was chosen)."""
+    config = _config_from_hf(values, where)
+    ngroups = mamba2_ngroups(config)
+    if gated_norm is not None or ngroups <= 1:
+        return (config if gated_norm is None else with_gated_norm(config, gated_norm == GATED_NORMS[1])), []
+    version = values.get("transformers_version")
+    major = transformers_major(version)
+    if major is not None:
+        across = major < 5
+        notes = [] if not across and not config.ssm_options(MAMBA2)["norm_across_channels"] else [
+            f"note: {where} was saved by transformers {version}, which normalises Mamba-2's gated "
+            f"RMSNorm {'across all channels' if across else 'per group'} (n_groups={ngroups}); "
+            f"converted to compute the same (ssm_cfg.norm_across_channels={str(across).lower()}). "
+            f"Pass --gated-norm {GATED_NORMS[0] if across else GATED_NORMS[1]} if the model was "
+            f"trained otherwise"]
+        return with_gated_norm(config, across), notes
+    if RECIPE_KEY in values:
+        return config, []
+    return config, [f"note: {where} does not say which transformers wrote it; Mamba-2's gated "
+                    f"RMSNorm (n_groups={ngroups}) is taken to be per group (state-spaces, NVIDIA, "
+                    f"transformers >= 5). Pass --gated-norm across-channels for a model trained or "
+                    f"fine-tuned with transformers < 5"]
+
+
+def _config_from_hf(values: dict, where: str) -> MambaConfig:
     if isinstance(values.get(RECIPE_KEY), dict):
         return MambaConfig.from_dict(values[RECIPE_KEY])
     kind = values.get("model_type")
@@ -70,14 +124,14 @@ def config_from_hf(values: dict, where: str) -> MambaConfig:
     return MambaConfig(ssm_cfg=ssm, **common)
 
 
-def read_hf(src: Path) -> Checkpoint:
+def read_hf(src: Path, gated_norm: str | None = None) -> Checkpoint:
     config_file = src / "config.json"
     if not config_file.is_file():
         raise ConvertError(f"{config_file}: not found; a Hugging Face folder has config.json and "
                            f"model.safetensors (or pytorch_model.bin)")
     try:
         values = json.loads(config_file.read_text())
-        config = config_from_hf(values, str(config_file))
+        config, notes = config_from_hf(values, str(config_file), gated_norm)
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         if isinstance(exc, ConvertError):
             raise
@@ -86,7 +140,7 @@ def read_hf(src: Path) -> Checkpoint:
     keys, get, where = weight_source(src)
     renamed = {k.replace("backbone.embeddings.", "backbone.embedding."): k for k in keys}
     tensors = merge_split_in_proj(list(renamed), lambda k: get(renamed[k]))
-    return Checkpoint(config, tensors, where, tokenizer_dir=src)
+    return Checkpoint(config, tensors, where, tokenizer_dir=src, notes=notes)
 
 
 def hf_config(config: MambaConfig) -> dict:
@@ -123,12 +177,44 @@ def hf_config(config: MambaConfig) -> dict:
                 time_step_limit=list(opts["dt_limit"]), **common)
 
 
-def write_hf(ckpt: Checkpoint, folder: Path, dtype: torch.dtype | None = None) -> None:
+def installed_transformers() -> str | None:
+    try:
+        return metadata.version("transformers")
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def gated_norm_warning(config: MambaConfig, target: str | None) -> str | None:
+    """What to tell a user exporting to transformers `target` (None: unknown) when that version
+    would normalise Mamba-2's gated RMSNorm differently from this model."""
+    ngroups = mamba2_ngroups(config)
+    if ngroups <= 1:
+        return None
+    across = config.ssm_options(MAMBA2)["norm_across_channels"]
+    ours = ("across all channels (as transformers < 5)" if across
+            else "per group (as state-spaces, NVIDIA and transformers >= 5)")
+    major = transformers_major(target)
+    if major is None:
+        return (f"warning: this Mamba-2 model (n_groups={ngroups}) normalises its gated RMSNorm "
+                f"{ours}; transformers < 5 normalises across all channels and >= 5 per group, so load "
+                f"it with transformers {'< 5' if across else '>= 5'} (pass --transformers-version to "
+                f"check a target)")
+    if (major < 5) == across:
+        return None
+    theirs = "across all channels" if major < 5 else "per group"
+    return (f"warning: transformers {target} normalises Mamba-2's gated RMSNorm {theirs}, but this "
+            f"model (n_groups={ngroups}) normalises it {ours}: transformers {target} will compute "
+            f"different logits; load it with transformers {'< 5' if across else '>= 5'}")
+
+
+def write_hf(ckpt: Checkpoint, folder: Path, dtype: torch.dtype | None = None,
+             target_version: str | None = None) -> None:
+    """target_version: the transformers that will load it (None: the installed one, if any)."""
     values = hf_config(ckpt.config)
     values[RECIPE_KEY] = ckpt.config.to_dict()
-    if values["model_type"] == "mamba2" and values["n_groups"] > 1:
-        ckpt.notes.append("note: n_groups > 1: transformers' CUDA kernel path normalises per group "
-                          "as we do, but its pure-torch (CPU) path does not, so CPU logits differ")
+    warning = gated_norm_warning(ckpt.config, target_version or installed_transformers())
+    if warning:
+        ckpt.notes.append(warning)
     (folder / "config.json").write_text(json.dumps(values, indent=2))
     shapes = expected_shapes(ckpt.config)
     rename = lambda k: k.replace("backbone.embedding.", "backbone.embeddings.")  # noqa: E731

@@ -69,11 +69,27 @@ def _load_rank(path: Path, unsafe: bool) -> tuple[dict, dict]:
     if not isinstance(blob, dict) or not isinstance(blob.get("model"), dict):
         raise ConvertError(f"{path}: not a Megatron checkpoint (no 'model' state dict)")
     args = blob.get("args")
-    state = {k: v for k, v in blob["model"].items()
-             if not k.endswith("_extra_state") and isinstance(v, torch.Tensor)}
+    state = _conv_as_module({k: v for k, v in blob["model"].items()
+                             if not k.endswith("_extra_state") and isinstance(v, torch.Tensor)}, path)
     if args is None or isinstance(args, dict):
         return state, dict(args or {})
     return state, vars(args)
+
+
+def _conv_as_module(state: dict, path: Path) -> dict:
+    """Newer Megatron-LM keeps the Mamba conv as parameters `mixer.conv1d_weight` ([c, 1, w] or
+    [c, w]) and `mixer.conv1d_bias` instead of a `mixer.conv1d` module: rename to the module form."""
+    out = {}
+    for key, value in state.items():
+        if key.endswith(".mixer.conv1d_weight"):
+            key = key[:-len("conv1d_weight")] + "conv1d.weight"
+            value = value.unsqueeze(1) if value.dim() == 2 else value
+        elif key.endswith(".mixer.conv1d_bias"):
+            key = key[:-len("conv1d_bias")] + "conv1d.bias"
+        if key in out:
+            raise ConvertError(f"{path}: {key} is stored both as a conv1d module and as a parameter")
+        out[key] = value
+    return out
 
 
 def read_megatron(src: Path, ngroups: int | None = None, num_heads: int | None = None,

@@ -89,6 +89,9 @@ def state_spaces_config(config: MambaConfig) -> tuple[dict, str | None]:
     default = MambaConfig(d_model=config.d_model, n_layer=config.n_layer,
                           vocab_size=config.vocab_size)
     values = config.to_dict()
+    if values["ssm_cfg"].pop("norm_across_channels", False) and config.ssm_options(MAMBA2)["ngroups"] > 1:
+        return config.to_dict(), ("ssm_cfg.norm_across_channels=true (the gated norm of transformers < 5) "
+                                  "has no state-spaces equivalent")
     if config.layer_pattern is not None:
         kinds = config.layer_kinds()
         ssm = {k for k in kinds if k in (MAMBA1, MAMBA2)}

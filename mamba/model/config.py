@@ -17,7 +17,8 @@ MAMBA1_DEFAULTS: dict[str, Any] = dict(
 MAMBA2_DEFAULTS: dict[str, Any] = dict(
     d_state=128, d_conv=4, expand=2, headdim=64, ngroups=1, A_init_range=(1, 16),
     D_has_hdim=False, rmsnorm=True, norm_before_gate=False, dt_min=0.001, dt_max=0.1,
-    dt_init_floor=1e-4, dt_limit=(0.0, math.inf), bias=False, conv_bias=True, chunk_size=256)
+    dt_init_floor=1e-4, dt_limit=(0.0, math.inf), bias=False, conv_bias=True, chunk_size=256,
+    norm_across_channels=False)
 ATTENTION_DEFAULTS: dict[str, Any] = dict(
     num_heads=None, num_heads_kv=None, head_dim=None, qkv_proj_bias=True, out_proj_bias=True,
     softmax_scale=None, causal=True, rotary_emb_dim=0, rotary_emb_base=10000.0,
@@ -31,7 +32,10 @@ class MambaConfig:
 
     Additions: `layer_pattern` (e.g. "M-M*-", one symbol per layer: M Mamba-2, m Mamba-1,
     * attention, - MLP) as an alternative to ssm_cfg["layer"] + attn_layer_idx; `mlp_activation`;
-    `norm_epsilon`; `initializer_range`.
+    `norm_epsilon`; `initializer_range`; ssm_cfg["norm_across_channels"]: Mamba-2's gated
+    RMSNorm over all d_inner channels, as transformers < 5 computes it, instead of per group of
+    d_inner/ngroups channels (state-spaces, NVIDIA, transformers >= 5; the default). The two
+    differ only when ngroups > 1.
     """
 
     d_model: int = 2560
@@ -142,6 +146,14 @@ class MambaConfig:
                               f"must divide the number of heads d_inner/headdim = {nheads}")
                 if opts["chunk_size"] <= 0:
                     raise bad("ssm_cfg.chunk_size", opts["chunk_size"], "must be positive")
+                if not isinstance(opts["norm_across_channels"], bool):
+                    raise bad("ssm_cfg.norm_across_channels", opts["norm_across_channels"],
+                              "must be true or false")
+                if opts["norm_across_channels"] and (opts["norm_before_gate"] or not opts["rmsnorm"]):
+                    raise bad("ssm_cfg.norm_across_channels", True,
+                              "reproduces transformers < 5, whose Mamba-2 has rmsnorm=True and "
+                              "norm_before_gate=False; it cannot be combined with "
+                              f"rmsnorm={opts['rmsnorm']}, norm_before_gate={opts['norm_before_gate']}")
         if ATTENTION in kinds:
             unknown = sorted(set(self.attn_cfg) - set(ATTENTION_DEFAULTS))
             if unknown:

@@ -6,8 +6,10 @@ import math
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 from kernels import (
+    add_rms_norm,
     causal_conv1d_fn,
     linear,
     mamba2_block_step,
@@ -20,7 +22,8 @@ from mamba.model.init import inverse_softplus_dt
 
 
 class GatedRMSNorm(nn.Module):
-    """y = rmsnorm(x * silu(z)) * weight, normalised per group of channels."""
+    """y = rmsnorm(x * silu(z)) * weight, normalised per group of `group_size` channels (all
+    channels when group_size is None)."""
 
     def __init__(self, dim: int, eps: float = 1e-5, group_size: int | None = None,
                  norm_before_gate: bool = False):
@@ -39,7 +42,8 @@ class Mamba2(nn.Module):
     def __init__(self, d_model: int, d_state=128, d_conv=4, expand=2, headdim=64, ngroups=1,
                  A_init_range=(1, 16), D_has_hdim=False, rmsnorm=True, norm_before_gate=False,
                  dt_min=0.001, dt_max=0.1, dt_init_floor=1e-4, dt_limit=(0.0, math.inf),
-                 bias=False, conv_bias=True, chunk_size=256, layer_idx: int | None = None):
+                 bias=False, conv_bias=True, chunk_size=256, norm_across_channels=False,
+                 layer_idx: int | None = None):
         super().__init__()
         self.d_model, self.d_state, self.d_conv = d_model, d_state, d_conv
         self.d_inner = expand * d_model
@@ -62,7 +66,9 @@ class Mamba2(nn.Module):
         self.A_log._no_weight_decay = True
         self.D = nn.Parameter(torch.empty(self.d_inner if D_has_hdim else self.nheads))
         self.D._no_weight_decay = True
-        self.norm = (GatedRMSNorm(self.d_inner, eps=1e-5, group_size=self.d_inner // ngroups,
+        # transformers < 5 normalises over all d_inner channels; everyone else per B/C group
+        self.norm_groups = 1 if norm_across_channels else ngroups
+        self.norm = (GatedRMSNorm(self.d_inner, eps=1e-5, group_size=self.d_inner // self.norm_groups,
                                   norm_before_gate=norm_before_gate) if rmsnorm else None)
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias)
         self.reset_parameters()
@@ -84,11 +90,13 @@ class Mamba2(nn.Module):
         return zxbcdt.split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
 
     def _gate_and_project(self, y, z):
-        if self.norm is not None:
-            y = self.norm(y, z)
-        else:
-            y = y * torch.nn.functional.silu(z)
-        return self.out_proj(y)
+        if self.norm is None:
+            return self.out_proj(y * torch.nn.functional.silu(z))
+        if torch.is_grad_enabled() and (y.requires_grad or z.requires_grad):
+            # recomputed in backward: autograd would otherwise keep four [b,l,d_inner] fp32
+            # intermediates of the norm, and z's view keeps all of in_proj's output alive
+            return self.out_proj(checkpoint(self.norm, y, z.contiguous(), use_reentrant=False))
+        return self.out_proj(self.norm(y, z))
 
     def forward(self, hidden, seq_idx=None, cache=None):
         """hidden [b,l,d_model] -> [b,l,d_model]; cache = (conv_state, ssm_state) or None."""
@@ -124,18 +132,29 @@ class Mamba2(nn.Module):
                     norm_before_gate=norm is not None and norm.norm_before_gate,
                     ngroups=self.ngroups, dt_limit=self.dt_limit)
 
+    def _norm_spans_groups(self) -> bool:
+        """The decode kernels take one ngroups for B/C and the norm alike; a norm over all channels
+        with several B/C groups is composed here instead (the kernel gates, we normalise)."""
+        return self.norm is not None and self.norm_groups != self.ngroups
+
     def step(self, hidden, cache):
         """One token: hidden [b,1,d_model]; updates cache in place."""
         conv_state, ssm_state = cache
         zxbcdt = linear(hidden.squeeze(1), self.in_proj.weight, self.in_proj.bias)
         p = self._step_params()
+        composed = self._norm_spans_groups()
         y = mamba2_step(zxbcdt, conv_state, ssm_state, p["conv_weight"], p["conv_bias"], p["A"],
-                        p["dt_bias"], p["D"], p["gate_norm_weight"], p["gate_eps"], p["norm_before_gate"],
-                        p["ngroups"], p["dt_limit"])
+                        p["dt_bias"], p["D"], None if composed else p["gate_norm_weight"], p["gate_eps"],
+                        p["norm_before_gate"], p["ngroups"], p["dt_limit"])
+        if composed:  # y is y * silu(z) here; norm_before_gate is False (MambaConfig checks)
+            y = rms_norm_gated(y, self.norm.weight, None, self.norm.eps, self.norm.group_size)
         return linear(y, self.out_proj.weight, self.out_proj.bias).unsqueeze(1)
 
     def block_step(self, hidden, residual, norm_weight, norm_eps: float, cache):
         """A pre-norm block around this mixer, one token: (mixer output, hidden + residual)."""
+        if self._norm_spans_groups():
+            u, residual = add_rms_norm(hidden, residual, norm_weight, norm_eps)
+            return self.step(u.view(-1, 1, u.shape[-1]), cache).view_as(hidden), residual
         conv_state, ssm_state = cache
         return mamba2_block_step(hidden, residual, norm_weight, norm_eps, self.in_proj.weight,
                                  self.in_proj.bias, conv_state, ssm_state, out_weight=self.out_proj.weight,
