@@ -183,7 +183,7 @@ def _iter_jsonl(path: str, mode: str, text_field: str, bad: BadInputLog) -> Iter
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
+                obj = json.loads(line.rstrip("\r\n"))  # an unclosed string is reported as such
             except json.JSONDecodeError as err:
                 hint = " (a JSON array? convert the file to JSON Lines)" if line.lstrip()[:1] == "[" else ""
                 bad.report(f"{where}: {describe_json_error(err)}{hint}")

@@ -45,7 +45,7 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
                 continue
             where = f"{path}:{number}"
             try:
-                obj = json.loads(line)
+                obj = json.loads(line.rstrip("\r\n"))
             except json.JSONDecodeError as err:
                 raise UsageError(f"{where}: {describe_json_error(err)}") from None
             if not isinstance(obj, dict):

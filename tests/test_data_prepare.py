@@ -244,6 +244,20 @@ def test_bad_parquet_and_dataset_rows_name_the_row(tmp_path: Path) -> None:
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize(("line", "problem"), [
+    (b'{"text": "a raw\ttab"}', "Invalid control character at column 16"),
+    (b'{"text": "never closed}', "Unterminated string starting at column 10"),
+    (b'{"text": "two" "values"}', "Expecting ',' delimiter at column 16"),
+])
+def test_invalid_json_line_is_one_clean_message(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                line: bytes, problem: str) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"text": "fine"}\n' + line + b"\n")
+    argv = ["--input", str(bad), "--output", str(tmp_path / "o"), "--seq-len", "8", "--no-progress"]
+    assert main(argv) == 2
+    assert capsys.readouterr().err == f"error: {bad}:2: invalid JSON: {problem}\n"  # json says "... at"
+
+
 def test_skip_bad_counts_and_continues(tmp_path: Path) -> None:
     bad = tmp_path / "mixed.jsonl"
     bad.write_bytes(b'{"text": "one"}\n{oops\n{"other": 1}\n\xff\n{"text": "two"}\n')

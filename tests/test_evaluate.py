@@ -25,6 +25,9 @@ def test_normalisation_is_squad():
     assert normalize_answer("  The  Cat, sat!  ") == "cat sat"
     assert normalize_answer("An apple a day") == "apple day"
     assert normalize_answer("theatre") == "theatre"  # articles only as whole words
+    # The official order: punctuation goes before articles, so "the-end" is one word, "theend"
+    assert normalize_answer("The-end") == "theend"
+    assert normalize_answer("Mamba\u2019s") == "mamba\u2019s"  # ASCII punctuation only, as the official
 
 
 def test_exact_match_and_f1_known_values():
@@ -65,6 +68,7 @@ def test_score_all_means_times_100():
 # ---- reading the test file ------------------------------------------------------------------
 @pytest.mark.parametrize("lines,message", [
     (['{"input": "a", "output": "b"}', '{"input": "c", "output": "d"'], "t.jsonl:2: invalid JSON"),
+    (['{"input": "a\tb"}'], r"t.jsonl:1: invalid JSON: Invalid control character at column 13$"),
     (['{"input": "a", "output": "b"}', "", '{"input": "c"}'], "t.jsonl:3: missing field"),
     (['{"output": "b"}'], "t.jsonl:1: missing field"),
     (['{"input": "a", "output": 3}'], "t.jsonl:1: field 'output' must be"),
