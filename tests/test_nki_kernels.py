@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kernels.nki import executor
-from kernels.reference import causal_conv1d_ref
+from kernels.reference import causal_conv1d_ref, ssd_ref
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("neuronxcc") is not None and not executor.installed(),
@@ -224,3 +224,89 @@ def test_nki_wrappers_refuse_bad_lengths_and_widths(nki):
         autograd.causal_conv1d_nki(torch.randn(1, 8, 200), torch.randn(8, 4))
     with pytest.raises(ValueError, match="conv width 5"):
         autograd.causal_conv1d_nki(torch.randn(1, 8, 128), torch.randn(8, 5))
+
+
+# --- Mamba-2 SSD ------------------------------------------------------------------------------
+def _ssd_inputs(batch, length, nheads, headdim, ngroups, dstate, d_per_channel):
+    f = dict(dtype=torch.float64)
+    x = torch.randn(batch, length, nheads, headdim, **f)
+    # slow decays (|dt*A| ~ 0.02 per token), so the state carried between chunks matters
+    dt = torch.rand(batch, length, nheads, **f) * 0.04 + 0.002
+    A = -torch.rand(nheads, **f) * 1.5 - 0.05
+    B = torch.randn(batch, length, ngroups, dstate, **f)
+    C = torch.randn(batch, length, ngroups, dstate, **f)
+    D = torch.randn(nheads * headdim if d_per_channel else nheads, **f)
+    return [t.requires_grad_() for t in (x, dt, A, B, C, D)]
+
+
+def _ssd_ref(x, dt, A, B, C, D, seq_idx, z=None, dt_bias=None, dt_softplus=False):
+    Dr = D.view(x.shape[2], x.shape[3]) if D.numel() != x.shape[2] else D
+    return ssd_ref(x, dt, A, B, C, D=Dr, z=z, dt_bias=dt_bias, seq_idx=seq_idx, dt_softplus=dt_softplus)[0]
+
+
+@pytest.mark.parametrize("length,ngroups,d_per_channel,starts", [
+    (256, 1, False, [[100, 128], [128]]),  # three docs (one start on the chunk edge), two docs
+    (256, 2, True, [[1, 255], [127, 129]]),  # starts next to chunk edges
+    (384, 2, False, [[200], []]),  # a start in the middle chunk: the old state must not reach chunk 3
+])
+def test_ssd_matches_reference(nki, length, ngroups, d_per_channel, starts):
+    _, autograd = nki
+    leaves = _ssd_inputs(2, length, 4, 16, ngroups, 8, d_per_channel)
+    seq = _docs(2, length, starts) if starts else None
+    y_ref = _ssd_ref(*leaves, seq)
+    dy = torch.randn_like(y_ref)
+    grads_ref = torch.autograd.grad(y_ref, leaves, dy)
+    ours = [t.detach().float().requires_grad_() for t in leaves]
+    y = autograd.mamba_chunk_scan_nki(*ours[:5], D=ours[5], seq_idx=seq)
+    _close(y, y_ref, 1e-5, "y")
+    grads = torch.autograd.grad(y, ours, dy.float())
+    for name, g, g_ref in zip(("dx", "ddt", "dA", "dB", "dC", "dD"), grads, grads_ref, strict=True):
+        _close(g, g_ref, 2e-5, name)
+
+
+def test_ssd_full_tiles_gate_and_dt_processing(nki):
+    """headdim 128 and d_state 128 (a whole partition axis each), z gate, dt_bias + softplus."""
+    _, autograd = nki
+    x, dt, A, B, C, D = _ssd_inputs(1, 128, 2, 128, 1, 128, False)
+    z = torch.randn_like(x).requires_grad_()
+    dt_bias = torch.randn(2, dtype=torch.float64, requires_grad=True)
+    dt_raw = (dt.detach() - 0.3).requires_grad_()
+    seq = _docs(1, 128, [[64]])
+    leaves = [x, dt_raw, A, B, C, D, z, dt_bias]
+    y_ref = _ssd_ref(x, dt_raw, A, B, C, D, seq, z=z, dt_bias=dt_bias, dt_softplus=True)
+    dy = torch.randn_like(y_ref)
+    grads_ref = torch.autograd.grad(y_ref, leaves, dy)
+    ours = [t.detach().float().requires_grad_() for t in leaves]
+    y = autograd.mamba_chunk_scan_nki(*ours[:5], D=ours[5], z=ours[6], dt_bias=ours[7], seq_idx=seq,
+                                      dt_softplus=True)
+    _close(y, y_ref, 1e-5, "y")
+    grads = torch.autograd.grad(y, ours, dy.float())
+    for name, g, g_ref in zip(("dx", "ddt", "dA", "dB", "dC", "dD", "dz", "ddt_bias"), grads, grads_ref,
+                              strict=True):
+        _close(g, g_ref, 5e-5, name)
+
+
+def test_ssd_bf16_inputs(nki):
+    _, autograd = nki
+    leaves = _ssd_inputs(2, 256, 2, 32, 1, 16, False)
+    seq = None
+    y_ref = _ssd_ref(*leaves, seq)
+    dy = torch.randn_like(y_ref)
+    dx_ref = torch.autograd.grad(y_ref, leaves[0], dy)[0]
+    ours = [t.detach().to(torch.bfloat16 if i in (0, 3, 4) else torch.float32).requires_grad_()
+            for i, t in enumerate(leaves)]
+    y = autograd.mamba_chunk_scan_nki(*ours[:5], D=ours[5], seq_idx=seq)
+    assert y.dtype == torch.bfloat16
+    _close(y, y_ref, 3e-2, "y bf16")
+    dx = torch.autograd.grad(y, ours[0], dy.to(torch.bfloat16))[0]
+    assert dx.dtype == torch.bfloat16
+    _close(dx, dx_ref, 3e-2, "dx bf16")
+
+
+def test_ssd_refuses_unsupported_shapes(nki):
+    _, autograd = nki
+    x, dt, A, B, C, _ = (t.detach().float() for t in _ssd_inputs(1, 128, 2, 16, 1, 8, False))
+    with pytest.raises(ValueError, match="length 100 is not a multiple of 128"):
+        autograd.mamba_chunk_scan_nki(x[:, :100], dt[:, :100], A, B[:, :100], C[:, :100])
+    with pytest.raises(ValueError, match="headdim 130"):
+        autograd.mamba_chunk_scan_nki(torch.zeros(1, 128, 2, 130), dt, A, B, C)

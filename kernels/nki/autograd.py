@@ -7,10 +7,15 @@ handles them. Importing this module imports `neuronxcc.nki`.
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 
 from kernels.nki import CHUNK, check_length
 from kernels.nki import conv1d as conv_kernels
+from kernels.nki import ssd as ssd_kernels
+from kernels.ssd import process_dt
 
 MAX_CONV_WIDTH = 4
 
@@ -60,3 +65,56 @@ def causal_conv1d_nki(x, weight, bias=None, seq_idx=None, activation=None):
     if activation not in (None, "silu", "swish"):
         raise ValueError(f"activation={activation!r} is not supported; use None or 'silu'")
     return _CausalConv1d.apply(x, weight, bias, seq_idx, activation is not None)
+
+
+def _shifted_doc_ids(seq_idx, batch, length, device):
+    """[b, l+1, 1] fp32: the id of token t-1 at t (the first token's own id at 0)."""
+    if seq_idx is None:
+        return torch.zeros(batch, length + 1, 1, dtype=torch.float32, device=device)
+    seq = seq_idx.to(torch.float32)
+    return torch.cat([seq[:, :1], seq], dim=1).reshape(batch, length + 1, 1)
+
+
+class _SSD(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dt, dA, B, C, D, seq_idx):
+        batch, length = x.shape[:2]
+        x, B, C = x.contiguous(), B.contiguous(), C.contiguous()
+        dt, dA, D = (t.to(torch.float32).contiguous() for t in (dt, dA, D))
+        seqp = _shifted_doc_ids(seq_idx, batch, length, x.device)
+        y, states = ssd_kernels.ssd_fwd[batch, B.shape[2]](x, dt, dA, B, C, D, seqp)
+        ctx.save_for_backward(x, dt, dA, B, C, D, seqp, states)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, dt, dA, B, C, D, seqp, states = ctx.saved_tensors
+        grid = (x.shape[0], B.shape[2])
+        dx, ddt, ddA, dB, dC, dD = ssd_kernels.ssd_bwd[grid](x, dt, dA, B, C, D, seqp, states,
+                                                              dy.contiguous())
+        return dx, ddt, ddA, dB.to(B.dtype), dC.to(C.dtype), dD.sum(0), None
+
+
+def mamba_chunk_scan_nki(x, dt, A, B, C, D=None, z=None, dt_bias=None, seq_idx=None, dt_softplus=False,
+                         dt_limit=(0.0, math.inf)):
+    """Mamba-2 SSD on the NKI kernels (chunk 128). x [b, l, h, p] with l a multiple of 128,
+    p <= 128; dt [b, l, h]; A [h]; B, C [b, l, g, n] with n <= 128; D [h] or [h*p]; z like x;
+    seq_idx [b, l]. dt processing, dt*A and the z gate run in torch. Returns y [b, l, h, p]."""
+    batch, length, nheads, headdim = x.shape
+    ngroups, dstate = B.shape[2], B.shape[3]
+    check_length(length)
+    if headdim > 128 or dstate > 128:
+        raise ValueError(f"headdim {headdim} / d_state {dstate} over 128 are not supported by the NKI kernel")
+    if nheads % ngroups:
+        raise ValueError(f"ngroups={ngroups} must divide the number of heads {nheads}")
+    dt = process_dt(dt.to(torch.float32), None if dt_bias is None else dt_bias.to(torch.float32),
+                    dt_softplus, dt_limit)
+    dA = dt * A.to(torch.float32)
+    if D is None:
+        Dhp = x.new_zeros(nheads, headdim, dtype=torch.float32)
+    else:
+        Dhp = D.to(torch.float32).reshape(nheads, -1).expand(nheads, headdim)
+    y = _SSD.apply(x, dt, dA, B, C, Dhp, seq_idx)
+    if z is not None:
+        y = (y.to(torch.float32) * F.silu(z.to(torch.float32))).to(x.dtype)
+    return y
