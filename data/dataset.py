@@ -104,9 +104,36 @@ class PackedDataset(StreamingDataset):
             self._shard_error = error
             raise error from err
 
+    # streaming counts the exits of its download ("prepare") and ready threads before an
+    # iteration may end (``_Iterator.exit``); a thread that dies on an exception never reports, and
+    # the main thread then polls forever. Both threads can die on a corrupt shard (the ready thread
+    # re-prepares a shard whose state we reset), so each reports its exit however it ends.
+    def _prepare_thread(self, it: Any) -> None:
+        try:
+            super()._prepare_thread(it)
+        except BaseException:
+            it.on_exit()
+            raise
+
+    def _ready_thread(self, it: Any) -> None:
+        try:
+            super()._ready_thread(it)
+        except BaseException:
+            it.on_exit()
+            raise
+
     def __iter__(self) -> Any:
+        failed = getattr(self, "_event", None) is not None and self._event.is_set()
+        if failed and self._shard_error is not None:
+            raise self._shard_error  # a later epoch of a dataset whose shard was found corrupt
         self._shard_error = None
-        yield from super().__iter__()
+        try:
+            yield from super().__iter__()
+        except Exception as err:
+            # The main thread may meet streaming's generic "Background thread failed" first.
+            if self._shard_error is not None and err is not self._shard_error:
+                raise self._shard_error from err
+            raise
         # streaming's download thread ends the epoch early, silently, when a shard fails.
         if self._shard_error is not None:
             raise self._shard_error

@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -155,6 +159,86 @@ def test_corrupted_shard_fails_naming_the_shard(tmp_path: Path) -> None:
         [dataset[i] for i in range(dataset.num_samples)]  # random access: main thread
     with pytest.raises(CorruptShardError, match=rf"{shards[1].name} in {remote / 'train'}"):
         list(PackedDataset(str(tmp_path / "cache"), str(remote), "train", shuffle=False, batch_size=2))
+
+
+def _iterate_within(dataset: PackedDataset, seconds: float) -> BaseException | None:
+    """Iterate in a daemon thread; fail the test (not hang it) if iteration never ends."""
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            list(dataset)
+            outcome.append(None)
+        except BaseException as err:  # noqa: BLE001 - handed back to the test
+            outcome.append(err)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"iteration over a corrupt shard still running after {seconds} s"
+    return outcome[0]
+
+
+class _SlowToSignal(PackedDataset):
+    """Force the interleaving that used to hang: the download thread fails first, and the ready
+    thread reaches the corrupt shard before streaming's failure event is set (it is set only after
+    the failing thread's future completes), so it tries the shard itself and fails too."""
+
+    def _ready_thread(self, it) -> None:  # noqa: ANN001 - streaming's signature
+        time.sleep(0.1)
+        super()._ready_thread(it)
+
+    def on_exception(self, future) -> None:  # noqa: ANN001
+        if future.exception() is not None:
+            time.sleep(0.3)
+        super().on_exception(future)
+
+
+@pytest.fixture(scope="module")
+def corrupt_shards(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:
+    """Shards whose first one is corrupt, both in the output folder and in an uploaded remote copy."""
+    root = tmp_path_factory.mktemp("corrupt")
+    source = root / "d.jsonl"
+    source.write_text("".join(json.dumps({"text": f"doc {i} " * 9}) + "\n" for i in range(60)))
+    prepare([str(source)], str(root / "out"), SEQ_LEN, val_ratio=0, shard_size=1 << 10,
+            upload=str(root / "remote"), progress=False)
+    name = sorted((root / "out" / "train").glob("shard.*.mds.zstd"))[0].name
+    corrupt(root / "out" / "train" / name)
+    corrupt(root / "remote" / "train" / name)
+    return root / "out", root / "remote", name
+
+
+def test_corrupt_shard_never_hangs_when_both_threads_fail(corrupt_shards: tuple[Path, Path, str],
+                                                          tmp_path: Path) -> None:
+    out, remote, name = corrupt_shards
+    for i in range(3):
+        dataset = _SlowToSignal(str(tmp_path / f"cache{i}"), str(remote), "train", shuffle=False,
+                                batch_size=2)
+        err = _iterate_within(dataset, 20)
+        assert isinstance(err, CorruptShardError) and name in str(err), repr(err)
+
+
+def test_corrupt_shard_fails_promptly_under_load(corrupt_shards: tuple[Path, Path, str],
+                                                 tmp_path: Path) -> None:
+    """Many runs of the corrupt-shard scenarios (local and remote) beside a competing busy process."""
+    out, remote, name = corrupt_shards
+    spin = "import time\nend = time.time() + 60\nwhile time.time() < end: pass"
+    busy = subprocess.Popen([sys.executable, "-c", spin])
+    try:
+        for i in range(40):
+            if i % 2:
+                dataset = PackedDataset(str(out), None, "train", shuffle=i % 4 == 1, batch_size=2)
+            else:
+                dataset = PackedDataset(str(tmp_path / f"cache{i}"), str(remote), "train", shuffle=i % 4 == 0,
+                                        batch_size=2)
+            err = _iterate_within(dataset, 20)
+            assert isinstance(err, CorruptShardError) and name in str(err), repr(err)
+            # A later epoch of the same dataset names the shard again instead of a generic error.
+            with pytest.raises(CorruptShardError, match=name):
+                list(dataset)
+    finally:
+        busy.kill()
+        busy.wait()
 
 
 def test_missing_layout_file_is_a_clear_error(tmp_path: Path) -> None:
