@@ -246,3 +246,16 @@ def test_missing_layout_file_is_a_clear_error(tmp_path: Path) -> None:
         load_shard_meta(str(tmp_path))
     with pytest.raises(DataError, match="cannot fetch layout.json"):
         load_shard_meta(str(tmp_path / "cache"), str(tmp_path / "no-such-remote"))
+
+
+def test_corrupt_shard_through_loader_workers_and_resume(corrupt_shards: tuple[Path, Path, str]) -> None:
+    """The training/eval paths: a DataLoader with a worker process, and a resumed position."""
+    out, _, name = corrupt_shards
+    loader = build_dataloader(str(out), None, "train", batch_size=2, shuffle=False, num_workers=1)
+    with pytest.raises(CorruptShardError, match=name):
+        list(loader)
+    dataset = PackedDataset(str(out), None, "train", shuffle=False, batch_size=2)
+    dataset.load_state_dict({"epoch": 0, "sample_in_epoch": 2, "num_canonical_nodes": 1, "shuffle_seed": 9176,
+                             "initial_physical_nodes": None})
+    err = _iterate_within(dataset, 20)
+    assert isinstance(err, CorruptShardError) and name in str(err), repr(err)
