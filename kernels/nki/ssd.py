@@ -41,7 +41,13 @@ def _constants():
     return ones, upper, lower
 
 
-def _chunk_group(B, C, seqp, bi, gi, t0, ones, upper):
+def _rows(col, ones_row):
+    """[Q, 1] column -> [Q, Q] with the column's values along every row (out[s, t] = col[t]):
+    a PE transpose to a [1, Q] row, then a rank-1 matmul by ones to reach every partition."""
+    return nisa.nc_matmul(ones_row, nl.copy(nisa.nc_transpose(col)))
+
+
+def _chunk_group(B, C, seqp, bi, gi, t0, ones, upper, ones_row):
     """What a chunk's heads share: B, C and their transposes, C.B^T and the document masks."""
     n = B.shape[3]
     Bc = nl.load(B[bi, t0:t0 + Q, gi, 0:n], dtype=nl.float32)  # [Q(s), n]
@@ -53,7 +59,7 @@ def _chunk_group(B, C, seqp, bi, gi, t0, ones, upper):
     start = nl.not_equal(nl.load(seqp[bi, t0 + 1:t0 + 1 + Q, 0:1]), nl.load(seqp[bi, t0:t0 + Q, 0:1]),
                          dtype=nl.float32)  # a document starts at t
     starts_to = nisa.nc_matmul(upper, start)  # [Q(t), 1]: starts in chunk[0..t]
-    starts_row = nisa.nc_matmul(ones, nisa.tensor_scalar(upper, nl.multiply, start))  # [s, t] -> starts_to[t]
+    starts_row = _rows(nl.copy(starts_to), ones_row)  # [s, t] -> starts_to[t]
     same = nl.equal(starts_row, starts_to, dtype=nl.float32)  # same[s, t]: no start in (s, t] (s <= t)
     total = nisa.nc_matmul(ones, start)  # [Q, 1]: starts in the chunk, on every partition
     sees_state = nl.equal(starts_to, 0.0, dtype=nl.float32)  # t belongs to the carried document
@@ -62,12 +68,12 @@ def _chunk_group(B, C, seqp, bi, gi, t0, ones, upper):
     return Bc, Cc, BT, CT, CBT, (same, sees_state, in_last, keep)
 
 
-def _chunk_head(dA, bi, hd, t0, ones, upper, CBT, masks):
+def _chunk_head(dA, bi, hd, t0, ones, upper, ones_row, CBT, masks):
     """Per head: L (masked decays), M = C.B^T * L and the decays into / out of the chunk."""
     same, sees_state, in_last, keep = masks
     dAc = nl.load(dA[bi, t0:t0 + Q, hd:hd + 1])  # [Q, 1]
     cum = nl.copy(nisa.nc_matmul(upper, dAc))  # cum_t
-    cum_row = nisa.nc_matmul(ones, nisa.tensor_scalar(upper, nl.multiply, dAc))  # [s, t] -> cum_t
+    cum_row = _rows(cum, ones_row)  # [s, t] -> cum_t
     seg = nisa.tensor_scalar(cum_row, nl.subtract, cum)  # cum_t - cum_s
     i_p, i_f = nl.arange(Q)[:, None], nl.arange(Q)[None, :]
     L = nl.multiply(nl.exp(nisa.affine_select(i_f >= i_p, seg, NEG)), same)
@@ -104,10 +110,10 @@ def ssd_fwd(x, dt, dA, B, C, D, seqp):
     state = nl.zeros((n, rep * p), dtype=nl.float32)  # the carried state of every head of the group
     for c in nl.sequential_range(nchunks):
         t0 = c * Q
-        Bc, Cc, BT, CT, CBT, masks = _chunk_group(B, C, seqp, bi, gi, t0, ones, upper)
+        Bc, Cc, BT, CT, CBT, masks = _chunk_group(B, C, seqp, bi, gi, t0, ones, upper, ones_row)
         for r in nl.affine_range(rep):
             hd = gi * rep + r
-            L, M, E, W, a = _chunk_head(dA, bi, hd, t0, ones, upper, CBT, masks)
+            L, M, E, W, a = _chunk_head(dA, bi, hd, t0, ones, upper, ones_row, CBT, masks)
             xc, dtc, Db = _load_head(x, dt, D, bi, hd, t0, ones_row)
             xdt = nisa.tensor_scalar(xc, nl.multiply, dtc)
             P = state[:, r * p:(r + 1) * p]
@@ -147,13 +153,13 @@ def ssd_bwd(x, dt, dA, B, C, D, seqp, states, dy):
     for c in nl.sequential_range(nchunks):
         cr = nchunks - 1 - c
         t0 = cr * Q
-        Bc, Cc, BT, CT, CBT, masks = _chunk_group(B, C, seqp, bi, gi, t0, ones, upper)
+        Bc, Cc, BT, CT, CBT, masks = _chunk_group(B, C, seqp, bi, gi, t0, ones, upper, ones_row)
         dCBT = nl.zeros((Q, Q), dtype=nl.float32)
         dB_acc = nl.zeros((Q, n), dtype=nl.float32)
         dC_acc = nl.zeros((Q, n), dtype=nl.float32)
         for r in nl.sequential_range(rep):  # accumulates dCBT, dB, dC over the group's heads
             hd = gi * rep + r
-            L, M, E, W, a = _chunk_head(dA, bi, hd, t0, ones, upper, CBT, masks)
+            L, M, E, W, a = _chunk_head(dA, bi, hd, t0, ones, upper, ones_row, CBT, masks)
             xc, dtc, Db = _load_head(x, dt, D, bi, hd, t0, ones_row)
             xdt = nisa.tensor_scalar(xc, nl.multiply, dtc)
             dyc = nl.load(dy[bi, t0:t0 + Q, hd, 0:p], dtype=nl.float32)
@@ -196,5 +202,5 @@ def ssd_bwd(x, dt, dA, B, C, D, seqp, states, dy):
         nl.store(dB[bi, t0:t0 + Q, gi, 0:n], value=dB_acc)
         nl.store(dC[bi, t0:t0 + Q, gi, 0:n], value=dC_acc)
     for r in nl.affine_range(rep):
-        nl.store(dD[bi, gi * rep + r, 0:p], value=dD_acc[:, r * p:(r + 1) * p])
+        nl.store(dD[bi, gi * rep + r:gi * rep + r + 1, 0:p], value=dD_acc[:, r * p:(r + 1) * p])
     return dx, ddt, ddA, dB, dC, dD

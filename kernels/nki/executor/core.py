@@ -149,11 +149,9 @@ class Tensor:
         key = _norm_key(key)
         values = _values(value)
         target = self.data[key]
-        if isinstance(value, Tensor) and value.ndim and np.shape(values) != np.shape(target):
-            if int(np.prod(np.shape(values))) != int(np.prod(np.shape(target))):
-                raise HardwareLimitError(f"cannot write a tile of shape {np.shape(values)} into "
-                                         f"{np.shape(target)} of {self!r}")
-            values = np.reshape(values, np.shape(target))
+        if isinstance(value, Tensor) and np.shape(values) != np.shape(target):
+            raise HardwareLimitError(f"cannot write a tile of shape {np.shape(values)} into "
+                                     f"{np.shape(target)} of {self!r}")
         self.data[key] = cast(values, self.dtype)
         self.written[key] = True
 

@@ -135,8 +135,9 @@ def load(src, *, mask=None, dtype=None, **kwargs):
         raise NotImplementedError("masked nl.load is outside the executor's subset")
     view = _hbm_operand(src)
     values = np.array(view.tensor.data[view.key])
-    if values.ndim == 0:
-        values = values.reshape(1, 1)
+    if values.ndim < 2:
+        raise HardwareLimitError(f"nl.load of an HBM slice of shape {values.shape}: index so that the tile "
+                                 "has a partition axis and a free axis (use a:a+1 for a single row)")
     counters.dma_bytes += values.size * view.tensor.dtype.itemsize
     out_dtype = dtype or view.tensor.dtype
     return Tensor(core.cast(values, out_dtype), out_dtype, "sbuf")
@@ -152,9 +153,7 @@ def store(dst, value, *, mask=None, **kwargs):
     values = core._values(value)
     target_shape = view.tensor.data[view.key].shape
     if values.shape != target_shape:
-        if values.size != int(np.prod(target_shape)):
-            raise HardwareLimitError(f"nl.store of a {values.shape} tile into an HBM slice of {target_shape}")
-        values = values.reshape(target_shape)
+        raise HardwareLimitError(f"nl.store of a {values.shape} tile into an HBM slice of {target_shape}")
     view.tensor.data[view.key] = core.cast(values, view.tensor.dtype)
     counters.dma_bytes += values.size * view.tensor.dtype.itemsize
 
