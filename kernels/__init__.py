@@ -19,6 +19,8 @@ from kernels.dispatch import (
     mamba2_block_step,
     mamba2_step,
     mamba_chunk_scan_combined,
+    mamba_inner_fn,
+    mamba_split_conv1d_scan_combined,
     selective_scan_fn,
     selective_state_update,
 )
@@ -36,6 +38,8 @@ __all__ = [
     "mamba2_block_step",
     "mamba2_step",
     "mamba_chunk_scan_combined",
+    "mamba_inner_fn",
+    "mamba_split_conv1d_scan_combined",
     "rms_norm",
     "rms_norm_gated",
     "selective_scan_fn",

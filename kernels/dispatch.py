@@ -18,8 +18,12 @@ from kernels.conv1d import (
     check_update_args,
 )
 from kernels.norm import rms_norm, rms_norm_gated
-from kernels.selective_scan import check_scan_args, selective_scan_torch
-from kernels.ssd import check_ssd_args, mamba_chunk_scan_combined_torch
+from kernels.selective_scan import check_scan_args, mamba_inner_torch, selective_scan_torch
+from kernels.ssd import (
+    check_ssd_args,
+    mamba_chunk_scan_combined_torch,
+    mamba_split_conv1d_scan_combined_torch,
+)
 from kernels.step import check_state_update_args, selective_state_update_torch
 
 
@@ -27,12 +31,17 @@ def _has(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+_HAS_MAMBA_SSM = _has("mamba_ssm")
+_HAS_CAUSAL_CONV1D = _has("causal_conv1d")
+
+
 # Fast backends per device type, in order of preference, and the ops each one provides.
 # A new backend (e.g. our Triton kernels) is one entry here plus one branch in each op below.
 _CUDA_BACKENDS: tuple[tuple[str, frozenset[str]], ...] = (
     ("cuda-ext", frozenset(
-        (["conv1d", "conv1d_update"] if _has("causal_conv1d") else [])
-        + (["ssd", "scan", "state_update"] if _has("mamba_ssm") else []))),
+        (["conv1d", "conv1d_update"] if _HAS_CAUSAL_CONV1D else [])
+        + (["ssd", "scan", "state_update"] if _HAS_MAMBA_SSM else [])
+        + (["inner", "split_scan"] if _HAS_MAMBA_SSM and _HAS_CAUSAL_CONV1D else []))),
 )
 _BACKENDS_BY_DEVICE = {"cuda": _CUDA_BACKENDS}
 
@@ -85,6 +94,36 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
     return selective_scan_torch(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
                                 delta_softplus=delta_softplus, return_last_state=return_last_state,
                                 cu_seqlens=cu_seqlens, seq_idx=seq_idx)
+
+
+def mamba_inner_fn(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight,
+                   out_proj_bias, A, B=None, C=None, D=None, delta_bias=None, B_proj_bias=None,
+                   C_proj_bias=None, delta_softplus=True, *, checkpoint_lvl=1, cu_seqlens=None, seq_idx=None):
+    """A whole Mamba-1 mixer after in_proj, as mamba_ssm's mamba_inner_fn: xz [b, 2*d, l] -> [b, l, o]."""
+    args = (xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight, out_proj_bias,
+            A, B, C, D, delta_bias, B_proj_bias, C_proj_bias, delta_softplus)
+    if (backend_for("inner", xz.device) == "cuda-ext" and cu_seqlens is None and seq_idx is None
+            and conv1d_weight.dim() == 3 and not A.is_complex()):
+        from mamba_ssm.ops.selective_scan_interface import mamba_inner_fn as ext
+
+        return ext(*args, checkpoint_lvl=checkpoint_lvl)
+    return mamba_inner_torch(*args, checkpoint_lvl=checkpoint_lvl, cu_seqlens=cu_seqlens, seq_idx=seq_idx)
+
+
+def mamba_split_conv1d_scan_combined(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size,
+                                     initial_states=None, seq_idx=None, dt_limit=(0.0, math.inf),
+                                     return_final_states=False, activation="silu", rmsnorm_weight=None,
+                                     rmsnorm_eps=1e-6, outproj_weight=None, outproj_bias=None, headdim=None,
+                                     ngroups=1, norm_before_gate=True):
+    """A whole Mamba-2 mixer after in_proj, as mamba_ssm's mamba_split_conv1d_scan_combined."""
+    args = (zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size, initial_states, seq_idx, dt_limit,
+            return_final_states, activation, rmsnorm_weight, rmsnorm_eps, outproj_weight, outproj_bias,
+            headdim, ngroups, norm_before_gate)
+    if backend_for("split_scan", zxbcdt.device) == "cuda-ext":
+        from mamba_ssm.ops.triton.ssd_combined import mamba_split_conv1d_scan_combined as ext
+
+        return ext(*args)
+    return mamba_split_conv1d_scan_combined_torch(*args)
 
 
 def _ext_conv_handles(x, weight, seq_idx, initial_states, return_final_states, final_states_out) -> bool:

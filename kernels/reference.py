@@ -209,3 +209,17 @@ def ssd_varlen_states_ref(x, dt, A, B, C, cu_seqlens, dt_bias=None, initial_stat
                         initial_states=init, dt_softplus=dt_softplus, dt_limit=dt_limit)
         states.append(st)
     return torch.cat(states, dim=0)
+
+
+def rms_norm_gated_ref(x, weight, z=None, eps=1e-6, ngroups=1, norm_before_gate=True):
+    """Gated RMSNorm over each of ngroups equal channel groups of x [..., d], in x's dtype:
+    norm_before_gate: rmsnorm(x) * w * silu(z), else rmsnorm(x * silu(z)) * w."""
+    if z is not None and not norm_before_gate:
+        x = x * F.silu(z)
+    parts = []
+    for part in x.chunk(ngroups, dim=-1):
+        parts.append(part / torch.sqrt(part.pow(2).mean(-1, keepdim=True) + eps))
+    y = torch.cat(parts, dim=-1) * weight
+    if z is not None and norm_before_gate:
+        y = y * F.silu(z)
+    return y

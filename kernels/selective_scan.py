@@ -257,3 +257,61 @@ def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
         y = y * F.silu(z.to(acc))
     y = y.to(dtype)
     return (y, last) if return_last_state else y
+
+
+def mamba_inner_torch(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight,
+                      out_proj_bias, A, B=None, C=None, D=None, delta_bias=None, B_proj_bias=None,
+                      C_proj_bias=None, delta_softplus=True, *, checkpoint_lvl=1, cu_seqlens=None,
+                      seq_idx=None):
+    """mamba_ssm's mamba_inner_fn (a whole Mamba-1 mixer after in_proj) composed of our ops:
+    conv -> x_proj -> dt_proj -> selective scan (gated by z) -> out_proj. xz [b, 2*d, l];
+    conv1d_weight [d, 1, w] or [d, w]; x_proj_weight [r + n*(B is None) + n*(C is None), d] (dt rows
+    first, then B's, then C's last); delta_proj_weight [d, r]; out_proj_weight [o, d]; A [d, n];
+    B/C None (taken from x_proj) or any selective_scan_fn form. Extra x_proj rows are
+    ignored, as upstream does (B from rows [r, r+n), C from the last n). Returns [b, l, o]. checkpoint_lvl
+    is accepted for compatibility (autograd keeps what it needs here)."""
+    from kernels.conv1d import causal_conv1d_torch
+
+    if not isinstance(xz, torch.Tensor) or xz.dim() != 3 or A.dim() != 2 or xz.shape[1] != 2 * A.shape[0]:
+        _fail_inner(f"xz must be (batch, 2 * dim, seqlen) with dim={A.shape[0]} (A's rows), got "
+                    f"{_shape(xz)}")
+    dim, dstate = A.shape
+    rank = delta_proj_weight.shape[-1] if delta_proj_weight.dim() == 2 else -1
+    needed = rank + dstate * ((B is None) + (C is None))
+    width = conv1d_weight.shape[-1]
+    if _shape(conv1d_weight) not in ((dim, width), (dim, 1, width)):
+        _fail_inner(f"conv1d_weight must be (dim, 1, width) or (dim, width) with dim={dim}, got "
+                    f"{_shape(conv1d_weight)}")
+    if rank < 1 or delta_proj_weight.shape[0] != dim:
+        _fail_inner(f"delta_proj_weight must be ({dim}, dt_rank), got {_shape(delta_proj_weight)}")
+    if x_proj_weight.dim() != 2 or x_proj_weight.shape[1] != dim or x_proj_weight.shape[0] < needed:
+        _fail_inner(f"x_proj_weight must be (dt_rank + dstate per B/C taken from it, dim)=({needed}, {dim}), "
+                    f"got {_shape(x_proj_weight)}")
+    if out_proj_weight.dim() != 2 or out_proj_weight.shape[1] != dim:
+        _fail_inner(f"out_proj_weight must be (out_dim, {dim}), got {_shape(out_proj_weight)}")
+    for label, t, want in (("B_proj_bias", B_proj_bias, (dstate,)), ("C_proj_bias", C_proj_bias, (dstate,)),
+                           ("out_proj_bias", out_proj_bias, out_proj_weight.shape[:1])):
+        if t is not None and _shape(t) != tuple(want):
+            _fail_inner(f"{label} must have shape {tuple(want)}, got {_shape(t)}")
+    length = xz.shape[-1]
+    if cu_seqlens is not None and seq_idx is None:
+        check_cu_seqlens("mamba_inner_fn", cu_seqlens, length)
+        seq_idx = seq_idx_from_cu_seqlens(cu_seqlens, xz.shape[0], xz.device)
+    x, z = xz.chunk(2, dim=1)
+    weight = conv1d_weight.reshape(dim, conv1d_weight.shape[-1])
+    x = causal_conv1d_torch(x, weight, conv1d_bias, seq_idx=seq_idx, activation="silu")
+    x_dbl = F.linear(x.transpose(1, 2), x_proj_weight)  # [b, l, needed]
+    delta = F.linear(x_dbl[..., :rank], delta_proj_weight).transpose(1, 2)  # [b, d, l]
+    if B is None:
+        B = x_dbl[..., rank:rank + dstate]
+        B = (B if B_proj_bias is None else B + B_proj_bias.to(B.dtype)).transpose(1, 2)
+    if C is None:
+        C = x_dbl[..., x_dbl.shape[-1] - dstate:]
+        C = (C if C_proj_bias is None else C + C_proj_bias.to(C.dtype)).transpose(1, 2)
+    y = selective_scan_torch(x, delta, A, B, C, D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
+                             seq_idx=seq_idx)
+    return F.linear(y.transpose(1, 2), out_proj_weight, out_proj_bias)
+
+
+def _fail_inner(message: str):
+    raise ValueError(f"mamba_inner_fn: {message}")

@@ -335,3 +335,64 @@ def mamba_chunk_scan_combined_torch(x, dt, A, B, C, chunk_size, D=None, z=None, 
     if return_varlen_states:
         out.append(_varlen_states(x.to(acc), dt, A.to(acc), B.to(acc), cu_seqlens, initial_states))
     return out[0] if len(out) == 1 else tuple(out)
+
+
+def mamba_split_conv1d_scan_combined_torch(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size,
+                                           initial_states=None, seq_idx=None, dt_limit=(0.0, math.inf),
+                                           return_final_states=False, activation="silu", rmsnorm_weight=None,
+                                           rmsnorm_eps=1e-6, outproj_weight=None, outproj_bias=None,
+                                           headdim=None, ngroups=1, norm_before_gate=True):
+    """mamba_ssm's mamba_split_conv1d_scan_combined (a whole Mamba-2 mixer after in_proj) composed
+    of our ops. zxbcdt [b, l, 2*d_mlp + d + conv_dim + h] = [MLP pair | z | xBC | dt] with
+    d = h*headdim, conv_dim = d + 2*ngroups*dstate; conv1d_weight [conv_dim, w]; D [h] (then
+    headdim is required) or [h, headdim]. The gated RMSNorm (when rmsnorm_weight is given)
+    normalises each of the ngroups groups, as mamba_ssm's fused kernel does; d_mlp > 0 puts
+    silu(a) * b of the MLP pair in front of the mixer output, before outproj."""
+    from kernels.conv1d import causal_conv1d_torch
+    from kernels.norm import rms_norm_gated
+
+    def fail(message):
+        raise ValueError(f"mamba_split_conv1d_scan_combined: {message}")
+
+    if D.dim() == 1 and headdim is None:
+        fail("D of shape (nheads,) needs headdim")
+    nheads, headdim = (D.shape[0], headdim) if D.dim() == 1 else tuple(D.shape)
+    if zxbcdt.dim() != 3 or conv1d_weight.dim() != 2 or ngroups < 1 or nheads % ngroups:
+        fail(f"zxbcdt must be (batch, seqlen, channels), conv1d_weight (conv_dim, width) and ngroups divide "
+             f"nheads={nheads}; got {tuple(zxbcdt.shape)}, {tuple(conv1d_weight.shape)}, {ngroups}")
+    dim = nheads * headdim
+    dstate = (conv1d_weight.shape[0] - dim) // ngroups // 2
+    conv_dim = dim + 2 * ngroups * dstate
+    d_mlp2 = zxbcdt.shape[-1] - dim - conv_dim - nheads
+    if dstate < 1 or conv1d_weight.shape[0] != conv_dim:
+        fail(f"conv1d_weight must have dim + 2 * ngroups * dstate rows (dim={dim}, ngroups={ngroups}), "
+             f"got {tuple(conv1d_weight.shape)}")
+    if d_mlp2 < 0 or d_mlp2 % 2:
+        fail(f"zxbcdt's last axis must be 2 * d_mlp + {dim + conv_dim + nheads} (z, xBC, dt), got "
+             f"{zxbcdt.shape[-1]}")
+    for label, t, want in (("dt_bias", dt_bias, (nheads,)), ("A", A, (nheads,)), ("conv1d_bias", conv1d_bias,
+                           (conv_dim,)), ("rmsnorm_weight", rmsnorm_weight, (dim,))):
+        if t is not None and tuple(t.shape) != want:
+            fail(f"{label} must have shape {want}, got {tuple(t.shape)}")
+    if outproj_weight is None and outproj_bias is not None:
+        fail("outproj_bias needs outproj_weight")
+    batch, length = zxbcdt.shape[:2]
+    mlp, z, xBC, dt = zxbcdt.split([d_mlp2, dim, conv_dim, nheads], dim=-1)
+    xBC = causal_conv1d_torch(xBC.transpose(1, 2), conv1d_weight, conv1d_bias, seq_idx=seq_idx,
+                              activation=activation).transpose(1, 2)
+    x, B, C = xBC.split([dim, ngroups * dstate, ngroups * dstate], dim=-1)
+    zh = z.reshape(batch, length, nheads, headdim)
+    y, final = mamba_chunk_scan_combined_torch(
+        x.reshape(batch, length, nheads, headdim), dt, A, B.reshape(batch, length, ngroups, dstate),
+        C.reshape(batch, length, ngroups, dstate), chunk_size, D=D, z=zh if rmsnorm_weight is None else None,
+        dt_bias=dt_bias, initial_states=initial_states, seq_idx=seq_idx, dt_softplus=True, dt_limit=dt_limit,
+        return_final_states=True)
+    out = y.reshape(batch, length, dim)
+    if rmsnorm_weight is not None:
+        out = rms_norm_gated(out, rmsnorm_weight, z, rmsnorm_eps, dim // ngroups, norm_before_gate)
+    if d_mlp2:
+        a, b = mlp.chunk(2, dim=-1)
+        out = torch.cat([F.silu(a) * b, out.to(a.dtype)], dim=-1)
+    if outproj_weight is not None:
+        out = F.linear(out, outproj_weight, outproj_bias)
+    return (out, final) if return_final_states else out

@@ -13,6 +13,8 @@ from kernels import (
     causal_conv1d_fn,
     causal_conv1d_update,
     mamba_chunk_scan_combined,
+    mamba_inner_fn,
+    mamba_split_conv1d_scan_combined,
     selective_scan_fn,
     selective_state_update,
 )
@@ -612,7 +614,73 @@ def _ssd_ok():
     )
 
 
+def _inner_ok():
+    d, n, r = 4, 3, 2
+    return dict(
+        xz=torch.randn(2, 2 * d, 7),
+        conv1d_weight=torch.randn(d, 1, 4),
+        conv1d_bias=None,
+        x_proj_weight=torch.randn(r + 2 * n, d),
+        delta_proj_weight=torch.randn(d, r),
+        out_proj_weight=torch.randn(5, d),
+        out_proj_bias=None,
+        A=-torch.rand(d, n),
+    )
+
+
+def _split_ok():
+    h, p, g, n = 2, 3, 1, 4
+    conv_dim = h * p + 2 * g * n
+    return dict(
+        zxbcdt=torch.randn(2, 7, h * p + conv_dim + h),
+        conv1d_weight=torch.randn(conv_dim, 4),
+        conv1d_bias=None,
+        dt_bias=torch.randn(h),
+        A=-torch.rand(h),
+        D=torch.randn(h, p),
+        chunk_size=4,
+    )
+
+
 ILLEGAL = [
+    (
+        mamba_inner_fn,
+        _inner_ok,
+        dict(x_proj_weight=torch.randn(7, 4)),
+        ValueError,
+        r"x_proj_weight must be .*\(8, 4\)",
+    ),
+    (mamba_inner_fn, _inner_ok, dict(xz=torch.randn(2, 7, 7)), ValueError, r"xz must be .* got \(2, 7, 7\)"),
+    (
+        mamba_inner_fn,
+        _inner_ok,
+        dict(conv1d_weight=torch.randn(5, 1, 4)),
+        ValueError,
+        "conv1d_weight must be",
+    ),
+    (mamba_inner_fn, _inner_ok, dict(B=torch.randn(2, 3, 6)), ValueError, r"B must be .* got \(2, 3, 6\)"),
+    (
+        mamba_split_conv1d_scan_combined,
+        _split_ok,
+        dict(zxbcdt=torch.randn(2, 7, 21)),
+        ValueError,
+        "zxbcdt's last axis",
+    ),
+    (mamba_split_conv1d_scan_combined, _split_ok, dict(D=torch.randn(2)), ValueError, "needs headdim"),
+    (
+        mamba_split_conv1d_scan_combined,
+        _split_ok,
+        dict(dt_bias=torch.randn(3)),
+        ValueError,
+        "dt_bias must have",
+    ),
+    (
+        mamba_split_conv1d_scan_combined,
+        _split_ok,
+        dict(conv1d_weight=torch.randn(13, 4)),
+        ValueError,
+        "conv1d_weight must have",
+    ),
     (selective_scan_fn, _scan_ok, dict(B=torch.randn(2, 3, 8)), ValueError, r"B must be .* got \(2, 3, 8\)"),
     (selective_scan_fn, _scan_ok, dict(C=torch.randn(3, 4)), ValueError, r"C must be .* got \(3, 4\)"),
     (selective_scan_fn, _scan_ok, dict(B=torch.randn(2, 3, 3, 7)), ValueError, "ngroups dividing dim=4"),
@@ -832,3 +900,176 @@ def test_decode_steps_with_a_width_minus_1_conv_state(step):
         close(run(*short), run(*full))
     close(short[0], full[0][:, :, 1:])
     close(short[1], full[1])
+
+
+# ---------------------------------------------------------------- 8: the fused upstream entry points
+def test_mamba_inner_fn_equals_our_mamba1_mixer():
+    """state-spaces' Mamba.forward fast path is one mamba_inner_fn call on the module's weights."""
+    from mamba.model.mamba1 import Mamba1
+
+    mixer = Mamba1(d_model=8, d_state=4, d_conv=3, bias=True)
+    hidden = torch.randn(2, 11, 8)
+    seq = seq_from_lengths([4, 7], 2)
+    with torch.no_grad():
+        want = mixer(hidden, seq_idx=seq)
+        xz = mixer.in_proj(hidden).transpose(1, 2)
+        got = mamba_inner_fn(
+            xz,
+            mixer.conv1d.weight,
+            mixer.conv1d.bias,
+            mixer.x_proj.weight,
+            mixer.dt_proj.weight,
+            mixer.out_proj.weight,
+            mixer.out_proj.bias,
+            -torch.exp(mixer.A_log.float()),
+            None,
+            None,
+            mixer.D.float(),
+            delta_bias=mixer.dt_proj.bias.float(),
+            delta_softplus=True,
+            seq_idx=seq,
+        )
+    close(got, want)
+
+
+@pytest.mark.parametrize("constant_B,varlen", [(False, False), (True, False), (False, True)])
+def test_mamba_inner_fn_matches_reference(constant_B, varlen):
+
+    b, d, l, n, r, o, w = (1 if varlen else 2), 6, 13, 4, 2, 5, 4
+    xz = torch.randn(b, 2 * d, l, dtype=f64)
+    conv_w, conv_b = torch.randn(d, 1, w, dtype=f64), torch.randn(d, dtype=f64)
+    x_proj = torch.randn(r + (1 if constant_B else 2) * n, d, dtype=f64) * 0.5
+    dt_proj, out_w, out_b = (
+        torch.randn(d, r, dtype=f64),
+        torch.randn(o, d, dtype=f64),
+        torch.randn(o, dtype=f64),
+    )
+    A, D, dt_bias = -torch.rand(d, n, dtype=f64) - 0.1, torch.randn(d, dtype=f64), torch.randn(d, dtype=f64)
+    Bconst = torch.randn(d, n, dtype=f64) if constant_B else None
+    c_bias = torch.randn(n, dtype=f64)
+    cu = torch.tensor([0, 5, 13], dtype=torch.int32) if varlen else None
+    seq = seq_from_lengths([5, 8]) if varlen else None
+    leaves = [t.clone().requires_grad_() for t in (xz, conv_w, x_proj, dt_proj, out_w)]
+    got = mamba_inner_fn(
+        leaves[0],
+        leaves[1],
+        conv_b,
+        leaves[2],
+        leaves[3],
+        leaves[4],
+        out_b,
+        A,
+        Bconst,
+        None,
+        D,
+        dt_bias,
+        None,
+        c_bias,
+        True,
+        cu_seqlens=cu,
+    )
+    ref_leaves = [t.clone().requires_grad_() for t in (xz, conv_w, x_proj, dt_proj, out_w)]
+    x, z = ref_leaves[0].chunk(2, dim=1)
+    x = causal_conv1d_ref(x, ref_leaves[1][:, 0], conv_b, seq_idx=seq, activation="silu")[0]
+    x_dbl = x.transpose(1, 2) @ ref_leaves[2].T
+    delta = (x_dbl[..., :r] @ ref_leaves[3].T).transpose(1, 2)
+    B = Bconst if constant_B else x_dbl[..., r : r + n].transpose(1, 2)
+    C = (x_dbl[..., -n:] + c_bias).transpose(1, 2)
+    y = selective_scan_ref(x, delta, A, B, C, D, z, dt_bias, delta_softplus=True, seq_idx=seq)[0]
+    want = y.transpose(1, 2) @ ref_leaves[4].T + out_b
+    close(got, want, f64)
+    got.square().sum().backward()
+    want.square().sum().backward()
+    for ours, ref in zip(leaves, ref_leaves, strict=True):
+        close(ours.grad, ref.grad, f64)
+
+
+def test_mamba_split_conv1d_scan_combined_equals_our_mamba2_mixer():
+    """state-spaces' Mamba2.forward memory-efficient path is one such call on the module's weights."""
+    from mamba.model.mamba2 import Mamba2
+
+    mixer = Mamba2(d_model=8, d_state=4, d_conv=3, headdim=4, ngroups=2, chunk_size=8)
+    with torch.no_grad():
+        mixer.norm.weight.uniform_(0.5, 1.5)
+    hidden = torch.randn(2, 11, 8)
+    seq = seq_from_lengths([6, 5], 2)
+    with torch.no_grad():
+        want = mixer(hidden, seq_idx=seq)
+        got = mamba_split_conv1d_scan_combined(
+            mixer.in_proj(hidden),
+            mixer.conv1d.weight.squeeze(1),
+            mixer.conv1d.bias,
+            mixer.dt_bias,
+            -torch.exp(mixer.A_log.float()),
+            mixer.D,
+            mixer.chunk_size,
+            seq_idx=seq,
+            dt_limit=mixer.dt_limit,
+            rmsnorm_weight=mixer.norm.weight,
+            rmsnorm_eps=mixer.norm.eps,
+            outproj_weight=mixer.out_proj.weight,
+            outproj_bias=mixer.out_proj.bias,
+            headdim=mixer.headdim,
+            ngroups=mixer.ngroups,
+            norm_before_gate=False,
+        )
+    close(got, want)
+
+
+@pytest.mark.parametrize("norm,before,d_mlp", [(True, True, 0), (True, False, 3), (False, False, 0)])
+def test_mamba_split_conv1d_scan_combined_matches_reference(norm, before, d_mlp):
+    from kernels.reference import rms_norm_gated_ref
+
+    b, l, h, p, g, n, w, o = 2, 10, 4, 3, 2, 5, 4, 7
+    dim, conv_dim = h * p, h * p + 2 * g * n
+    zxbcdt = torch.randn(b, l, 2 * d_mlp + dim + conv_dim + h, dtype=f64)
+    conv_w, conv_b = torch.randn(conv_dim, w, dtype=f64), torch.randn(conv_dim, dtype=f64)
+    dt_bias, A, D = torch.randn(h, dtype=f64), -torch.rand(h, dtype=f64) - 0.1, torch.randn(h, p, dtype=f64)
+    norm_w = torch.rand(dim, dtype=f64) + 0.5 if norm else None
+    out_w, out_b = torch.randn(o, d_mlp + dim, dtype=f64), torch.randn(o, dtype=f64)
+    init, seq = torch.randn(b, h, p, n, dtype=f64), seq_from_lengths([4, 6], b)
+    got, final = mamba_split_conv1d_scan_combined(
+        zxbcdt,
+        conv_w,
+        conv_b,
+        dt_bias,
+        A,
+        D,
+        4,
+        initial_states=init,
+        seq_idx=seq,
+        dt_limit=(0.0, 2.0),
+        return_final_states=True,
+        rmsnorm_weight=norm_w,
+        rmsnorm_eps=1e-5,
+        outproj_weight=out_w,
+        outproj_bias=out_b,
+        ngroups=g,
+        norm_before_gate=before,
+    )
+    mlp, z, xBC, dt = zxbcdt.split([2 * d_mlp, dim, conv_dim, h], dim=-1)
+    xBC = causal_conv1d_ref(xBC.transpose(1, 2), conv_w, conv_b, seq_idx=seq, activation="silu")[0].transpose(
+        1, 2
+    )
+    x, B, C = xBC.split([dim, g * n, g * n], dim=-1)
+    y, final_ref = ssd_ref(
+        x.reshape(b, l, h, p),
+        dt,
+        A,
+        B.reshape(b, l, g, n),
+        C.reshape(b, l, g, n),
+        D=D,
+        z=None if norm else z.reshape(b, l, h, p),
+        dt_bias=dt_bias,
+        initial_states=init,
+        seq_idx=seq,
+        dt_softplus=True,
+        dt_limit=(0.0, 2.0),
+    )
+    y = y.reshape(b, l, dim)
+    if norm:
+        y = rms_norm_gated_ref(y, norm_w, z, 1e-5, g, before)
+    if d_mlp:
+        y = torch.cat([torch.nn.functional.silu(mlp[..., :d_mlp]) * mlp[..., d_mlp:], y], dim=-1)
+    close(got, y @ out_w.T + out_b, torch.float32 if norm else f64)  # kernels.norm works in float32
+    close(final, final_ref, f64)
