@@ -259,6 +259,8 @@ def test_ssd_matches_reference(nki, length, ngroups, d_per_channel, starts):
     ours = [t.detach().float().requires_grad_() for t in leaves]
     y = autograd.mamba_chunk_scan_nki(*ours[:5], D=ours[5], seq_idx=seq)
     _close(y, y_ref, 1e-5, "y")
+    with torch.no_grad():  # the forward without the per-chunk states for the backward
+        assert torch.equal(autograd.mamba_chunk_scan_nki(*ours[:5], D=ours[5], seq_idx=seq), y)
     grads = torch.autograd.grad(y, ours, dy.float())
     for name, g, g_ref in zip(("dx", "ddt", "dA", "dB", "dC", "dD"), grads, grads_ref, strict=True):
         _close(g, g_ref, 2e-5, name)
@@ -310,3 +312,18 @@ def test_ssd_refuses_unsupported_shapes(nki):
         autograd.mamba_chunk_scan_nki(x[:, :100], dt[:, :100], A, B[:, :100], C[:, :100])
     with pytest.raises(ValueError, match="headdim 130"):
         autograd.mamba_chunk_scan_nki(torch.zeros(1, 128, 2, 130), dt, A, B, C)
+
+
+def test_work_counters_match_the_kernels_matmuls(nki):
+    """The executor's counters (what kernels/nki/work.py reports) against a hand count of every
+    nc_matmul the SSD forward issues per chunk: per head and per group."""
+    from kernels.nki import work
+
+    heads, p, groups, n, q = 4, 16, 2, 8, 128
+    per_head = 2 * q * q + 2 * q * q + 2 * q * q + 2 * q * p + 2 * q * q * p + 2 * n * q * p + 2 * q * n * p
+    per_group = 2 * n * q * q + 2 * q * q + 2 * q * q + 2 * q * q  # C.B^T, start counts, their rows, total
+    counts = work.ssd_work(heads, p, groups, n, nchunks=2)
+    assert counts["fwd"]["matmul_flops"] == per_head + per_group * groups / heads
+    assert counts["bwd"]["matmul_flops"] > 2 * counts["fwd"]["matmul_flops"]
+    conv = work.conv_work(channels=256, width=4, ntiles=2)
+    assert conv["fwd"]["dma_bytes"] > 2 * 2 * q * q  # bf16 x in and y out at least

@@ -94,16 +94,17 @@ def _load_head(x, dt, D, bi, hd, t0, ones_row):
 
 
 @nki.jit
-def ssd_fwd(x, dt, dA, B, C, D, seqp):
+def ssd_fwd(x, dt, dA, B, C, D, seqp, save_states=True):
     """x [b, l, h, p]; dt, dA = dt*A [b, l, h] fp32; B, C [b, l, g, n]; D [h, p] fp32;
     seqp [b, l+1, 1] fp32 document ids shifted right by one (seqp[:, 0] = seq_idx[:, 0]).
-    Grid (b, g). Returns y [b, l, h, p] (x's dtype) and the states entering each chunk
-    [b, h, l/128, n, p] fp32."""
+    Grid (b, g). Returns y [b, l, h, p] (x's dtype) and, with save_states (for the backward),
+    the states entering each chunk [b, h, l/128, n, p] fp32."""
     batch, length, nheads, p = x.shape
     ngroups, n = B.shape[2], B.shape[3]
     rep, nchunks = nheads // ngroups, length // Q
     y = nl.ndarray(x.shape, dtype=x.dtype, buffer=nl.shared_hbm)
-    states = nl.ndarray((batch, nheads, nchunks, n, p), dtype=nl.float32, buffer=nl.shared_hbm)
+    if save_states:
+        states = nl.ndarray((batch, nheads, nchunks, n, p), dtype=nl.float32, buffer=nl.shared_hbm)
     bi, gi = nl.program_id(0), nl.program_id(1)
     ones, upper, _ = _constants()
     ones_row = nl.ones((1, Q), dtype=nl.float32)
@@ -117,13 +118,14 @@ def ssd_fwd(x, dt, dA, B, C, D, seqp):
             xc, dtc, Db = _load_head(x, dt, D, bi, hd, t0, ones_row)
             xdt = nisa.tensor_scalar(xc, nl.multiply, dtc)
             P = state[:, r * p:(r + 1) * p]
-            nl.store(states[bi, hd, c, 0:n, 0:p], value=P)
+            if save_states:
+                nl.store(states[bi, hd, c, 0:n, 0:p], value=P)
             out = nl.add(nisa.nc_matmul(M, xdt), nisa.tensor_scalar(nisa.nc_matmul(CT, P), nl.multiply, E))
             out = nl.add(out, nl.multiply(xc, Db), dtype=y.dtype)
             nl.store(y[bi, t0:t0 + Q, hd, 0:p], value=out)
             new = nisa.nc_matmul(Bc, nisa.tensor_scalar(xdt, nl.multiply, W))  # [n, p]
             state[:, r * p:(r + 1) * p] = nl.add(nisa.tensor_scalar(P, nl.multiply, a[0:n, :]), new)
-    return y, states
+    return (y, states) if save_states else y
 
 
 def _tr(t):
