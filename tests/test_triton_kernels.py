@@ -255,3 +255,15 @@ def test_in_fresh_process():
                          capture_output=True, text=True, timeout=580)
     assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-2000:]
     assert " passed, 1 skipped in " in out.stdout, out.stdout[-2000:]  # only this test skips there
+
+
+@interpreted
+def test_gpu_check_refuses_bad_arguments_and_a_missing_gpu():
+    script = str(ROOT / "bench" / "gpu_check.py")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, script, "--seq-len", "0"], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 2 and "--seq-len must be at least 1, got 0" in out.stderr
+    if not torch.cuda.is_available():
+        out = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 2 and "--interpret-smoke" in out.stderr
