@@ -3,8 +3,6 @@ references in kernels/reference.py; and the executor's own limits."""
 
 from __future__ import annotations
 
-import importlib.util
-
 import numpy as np
 import pytest
 import torch
@@ -13,7 +11,7 @@ from kernels.nki import executor
 from kernels.reference import causal_conv1d_ref, ssd_ref
 
 pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("neuronxcc") is not None and not executor.installed(),
+    executor.real_neuronxcc_present() and not executor.installed(),
     reason="a real neuronxcc is installed; these tests run the kernels on the NumPy executor")
 
 
@@ -327,3 +325,26 @@ def test_work_counters_match_the_kernels_matmuls(nki):
     assert counts["bwd"]["matmul_flops"] > 2 * counts["fwd"]["matmul_flops"]
     conv = work.conv_work(channels=256, width=4, ntiles=2)
     assert conv["fwd"]["dma_bytes"] > 2 * 2 * q * q  # bf16 x in and y out at least
+
+
+def test_nki_enabled_only_for_the_real_compiler_on_xla(nki):
+    import sys
+    import types
+
+    from kernels.nki import nki_available, nki_enabled
+
+    assert not nki_available()  # the executor is installed: it is not a compiler
+    assert not nki_enabled(torch.device("cpu"))
+    stand_in = types.ModuleType("neuronxcc")  # what neuron/runtime.py registers without the SDK
+    stand_in.__path__ = []
+    executor.uninstall()
+    try:
+        sys.modules["neuronxcc"] = stand_in
+        assert not nki_available()
+        executor.install()  # sets the stand-in aside ...
+        assert executor.installed() and not nki_available()
+        executor.uninstall()  # ... and puts it back
+        assert sys.modules["neuronxcc"] is stand_in
+    finally:
+        sys.modules.pop("neuronxcc", None)
+        executor.install()

@@ -1,7 +1,8 @@
 """NKI kernels for Trainium (Mamba-2 SSD, causal conv1d; forward and backward, with seq_idx).
 
 The kernel modules import `neuronxcc.nki`, so nothing here imports them until asked:
-  * `nki_available()` says whether a neuronxcc is importable;
+  * `nki_available()` says whether the real neuronxcc is importable, `nki_enabled(device)`
+    whether the kernels serve a tensor on that device;
   * `kernels.nki.autograd` holds the torch.autograd.Functions that call the kernels (for
     tensors on an XLA device, through `@nki.jit`);
   * `kernels.nki.executor` is a NumPy executor of the NKI subset the kernels use, so tests run
@@ -10,20 +11,41 @@ The kernel modules import `neuronxcc.nki`, so nothing here imports them until as
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
+import os
 import sys
 
-CHUNK = 128  # tokens per SSD chunk and per conv time tile: the partition count of a NeuronCore
+CHUNK = 128  # tokens per SSD chunk (one per partition); sequence lengths are whole chunks
 
 
 def nki_available() -> bool:
-    """True when `neuronxcc.nki` can be imported (the real compiler, or the executor once installed)."""
-    if "neuronxcc" in sys.modules:
-        return True
-    try:
-        return importlib.util.find_spec("neuronxcc") is not None
-    except (ImportError, ValueError):
+    """True when the real Neuron compiler's NKI (neuronxcc.nki with jit, language, isa) imports:
+    not our NumPy executor, and not the empty stand-in modules neuron/runtime.py registers so
+    that neuronx-distributed imports without the SDK."""
+    top = sys.modules.get("neuronxcc")
+    if top is None:
+        try:
+            if importlib.util.find_spec("neuronxcc") is None:
+                return False
+        except (ImportError, ValueError):
+            return False
+    elif getattr(top, "__nki_executor__", False) or getattr(top, "__file__", None) is None:
         return False
+    try:
+        nki = importlib.import_module("neuronxcc.nki")
+        importlib.import_module("neuronxcc.nki.language")
+        importlib.import_module("neuronxcc.nki.isa")
+    except ImportError:
+        return False
+    return callable(getattr(nki, "jit", None))
+
+
+def nki_enabled(device) -> bool:
+    """The NKI kernels serve tensors on an XLA device when the real compiler is there, unless
+    MAMBA_KERNELS=torch."""
+    return (os.environ.get("MAMBA_KERNELS") != "torch" and getattr(device, "type", None) == "xla"
+            and nki_available())
 
 
 def check_length(length: int) -> None:

@@ -32,7 +32,7 @@ from kernels.nki.executor import core, isa, language
 from kernels.nki.executor.core import HardwareLimitError, ReadBeforeWriteError, Tensor, counters
 
 __all__ = ["HardwareLimitError", "ReadBeforeWriteError", "counters", "hbm_tensor", "install", "installed",
-           "jit", "simulate_kernel", "uninstall"]
+           "jit", "real_neuronxcc_present", "simulate_kernel", "uninstall"]
 
 _NP_DTYPES = {np.dtype(np.float32): core.float32, np.dtype(np.int32): core.int32,
               np.dtype(np.float16): core.float16, np.dtype(np.uint8): core.uint8}
@@ -116,18 +116,35 @@ def simulate_kernel(kernel, *args, **kwargs):
 
 
 _NAMES = ("neuronxcc", "neuronxcc.nki", "neuronxcc.nki.language", "neuronxcc.nki.isa")
+_shadowed: dict = {}  # stand-in modules (no file behind them) that install() replaced
 
 
 def installed() -> bool:
     return getattr(sys.modules.get("neuronxcc"), "__nki_executor__", False)
 
 
+def real_neuronxcc_present() -> bool:
+    """A neuronxcc with files behind it (the Neuron compiler), imported or importable. Empty
+    stand-in modules (neuron/runtime.py registers some without the SDK) do not count."""
+    top = sys.modules.get("neuronxcc")
+    if top is not None:
+        return getattr(top, "__file__", None) is not None
+    try:
+        return importlib.util.find_spec("neuronxcc") is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def install() -> None:
-    """Make neuronxcc.nki (language, isa, jit) resolve to this executor. Refuses to shadow a real one."""
+    """Make neuronxcc.nki (language, isa, jit) resolve to this executor. Refuses to shadow a real
+    neuronxcc; stand-in modules are set aside and come back with uninstall()."""
     if installed():
         return
-    if "neuronxcc" in sys.modules or importlib.util.find_spec("neuronxcc") is not None:
+    if real_neuronxcc_present():
         raise RuntimeError("a real neuronxcc is importable; the NumPy executor will not shadow it")
+    for name in list(sys.modules):
+        if name == "neuronxcc" or name.startswith("neuronxcc."):
+            _shadowed[name] = sys.modules.pop(name)
     top = types.ModuleType("neuronxcc")
     top.__path__ = []
     top.__spec__ = importlib.machinery.ModuleSpec("neuronxcc", None, is_package=True)
@@ -145,3 +162,5 @@ def uninstall() -> None:
     if installed():
         for name in _NAMES:
             sys.modules.pop(name, None)
+        sys.modules.update(_shadowed)
+        _shadowed.clear()
