@@ -1073,3 +1073,88 @@ def test_mamba_split_conv1d_scan_combined_matches_reference(norm, before, d_mlp)
         y = torch.cat([torch.nn.functional.silu(mlp[..., :d_mlp]) * mlp[..., d_mlp:], y], dim=-1)
     close(got, y @ out_w.T + out_b, torch.float32 if norm else f64)  # kernels.norm works in float32
     close(final, final_ref, f64)
+
+
+def _mutation_cases():
+    """name -> (legal float64 arguments, our op, the reference op); both return one tensor."""
+    h, p, g, n, l = 4, 2, 2, 3, 9
+    conv = dict(
+        x=torch.randn(2, 3, l, dtype=f64),
+        weight=torch.randn(3, 4, dtype=f64),
+        bias=torch.randn(3, dtype=f64),
+        initial_states=torch.randn(2, 3, 3, dtype=f64),
+    )
+    update = dict(
+        x=torch.randn(2, 3, 2, dtype=f64),
+        conv_state=torch.randn(2, 3, 4, dtype=f64),
+        weight=torch.randn(3, 4, dtype=f64),
+        bias=torch.randn(3, dtype=f64),
+    )
+    step = dict(
+        state=torch.randn(2, h, p, n, dtype=f64),
+        x=torch.randn(2, h, p, dtype=f64),
+        dt=torch.randn(2, h, p, dtype=f64),
+        A=-torch.rand(h, p, n, dtype=f64),
+        B=torch.randn(2, g, n, dtype=f64),
+        C=torch.randn(2, g, n, dtype=f64),
+        D=torch.randn(h, p, dtype=f64),
+        z=torch.randn(2, h, p, dtype=f64),
+        dt_bias=torch.randn(h, p, dtype=f64),
+    )
+    ssd = dict(
+        x=torch.randn(2, l, h, p, dtype=f64),
+        dt=torch.randn(2, l, h, dtype=f64),
+        A=-torch.rand(h, dtype=f64),
+        B=torch.randn(2, l, g, n, dtype=f64),
+        C=torch.randn(2, l, g, n, dtype=f64),
+        D=torch.randn(h, dtype=f64),
+        z=torch.randn(2, l, h, p, dtype=f64),
+        dt_bias=torch.randn(h, dtype=f64),
+        initial_states=torch.randn(2, h, p, n, dtype=f64),
+    )
+
+    def step_ours(**kw):
+        return selective_state_update(**kw, dt_softplus=True)
+
+    def step_ref(**kw):
+        return selective_state_update_ref(**kw, dt_softplus=True)
+
+    return {
+        "conv": (
+            conv,
+            lambda **kw: causal_conv1d_fn(**kw, activation="silu"),
+            lambda **kw: causal_conv1d_ref(**kw, activation="silu")[0],
+        ),
+        "update": (update, causal_conv1d_update, causal_conv1d_update_ref),
+        "step": (step, step_ours, step_ref),
+        "ssd": (
+            ssd,
+            lambda **kw: mamba_chunk_scan_combined(**kw, chunk_size=4, dt_softplus=True),
+            lambda **kw: ssd_ref(**kw, dt_softplus=True)[0],
+        ),
+    }
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(st.data())
+def test_property_mutated_shapes_raise_or_match_reference(data):
+    """For every op: change one dimension of one argument. Ours either raises a clear
+    ValueError/TypeError, or the call is still legal and matches the reference. Never a
+    finite-but-wrong answer."""
+    name = data.draw(st.sampled_from(["conv", "update", "step", "ssd"]))
+    kw, ours, ref = _mutation_cases()[name]
+    arg = data.draw(st.sampled_from(sorted(kw)))
+    axis = data.draw(st.integers(0, kw[arg].dim() - 1))
+    shape = list(kw[arg].shape)
+    shape[axis] = max(1, shape[axis] + data.draw(st.sampled_from([-1, 1, 2])))
+    kw[arg] = torch.randn(shape, dtype=f64) if arg != "A" else -torch.rand(shape, dtype=f64)
+    try:
+        got = ours(**{k: v.clone() for k, v in kw.items()})
+    except (ValueError, TypeError) as exc:
+        assert "got" in str(exc) or "must" in str(exc), str(exc)
+        return
+    try:
+        want = ref(**kw)
+    except (RuntimeError, IndexError, ValueError, AssertionError) as exc:
+        pytest.fail(f"{name}: {arg}{tuple(shape)} was accepted, but the reference cannot run it: {exc}")
+    close(got, want, f64)
