@@ -267,3 +267,16 @@ def test_gpu_check_refuses_bad_arguments_and_a_missing_gpu():
     if not torch.cuda.is_available():
         out = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=300)
         assert out.returncode == 2 and "--interpret-smoke" in out.stderr
+
+
+@interpreted
+def test_kernels_compile_for_a_gpu_without_one(tmp_path):
+    """The interpreter accepts Python the Triton compiler rejects: compile each kernel for sm_90 too."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)  # a real compile, not a cache hit
+    out = subprocess.run([sys.executable, "-m", "kernels.triton.compile_check", "--quick", "--arch", "90"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    assert len(lines) == 5, out.stdout
+    assert all(ln.startswith("sm_90 ") and "0 bytes spill stores" in ln for ln in lines), out.stdout

@@ -124,7 +124,7 @@ class _CausalConv1dTriton(torch.autograd.Function):
         y = torch.empty_like(x)
         dummy = weight
         flags = dict(W=width, HAS_BIAS=bias is not None, HAS_SEQ=seq is not None, HAS_INIT=init is not None,
-                     SILU=silu, BLOCK_D=bd, BLOCK_L=bl)
+                     SILU=silu, BLOCK_D=bd, BLOCK_L=bl, num_warps=8)
         istr = init.stride() if init is not None else (0, 0, 0)
         _conv_fwd[(batch, triton.cdiv(dim, bd), triton.cdiv(length, bl))](
             x, weight, bias if bias is not None else dummy, seq if seq is not None else dummy,
@@ -139,7 +139,7 @@ class _CausalConv1dTriton(torch.autograd.Function):
         x, weight, bias, seq, init = ctx.saved_tensors
         flags = ctx.flags
         batch, dim, length = x.shape
-        width, bd, bl = flags["W"], flags["BLOCK_D"], flags["BLOCK_L"]
+        width, bd, bl = flags["W"], flags["BLOCK_D"], flags["BLOCK_L"]  # (flags also holds num_warps)
         nlblk = triton.cdiv(length, bl)
         g = torch.empty_like(x, dtype=torch.float32)
         dw = torch.empty(batch, nlblk, dim, width, dtype=torch.float32, device=x.device)
@@ -155,7 +155,7 @@ class _CausalConv1dTriton(torch.autograd.Function):
             g, weight, seq if seq is not None else dummy, dx, dinit if dinit is not None else dummy,
             dim, length,
             *g.stride(), *dx.stride(), *(dinit.stride() if dinit is not None else (0, 0, 0)),
-            W=width, HAS_SEQ=seq is not None, HAS_INIT=init is not None, BLOCK_D=bd, BLOCK_L=bl)
+            W=width, HAS_SEQ=seq is not None, HAS_INIT=init is not None, BLOCK_D=bd, BLOCK_L=bl, num_warps=8)
         dbias = g.sum((0, 2)).to(bias.dtype) if bias is not None else None
         return dx, dw.sum((0, 1)).to(weight.dtype), dbias, None, dinit, None
 
