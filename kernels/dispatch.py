@@ -126,10 +126,12 @@ def mamba_split_conv1d_scan_combined(zxbcdt, conv1d_weight, conv1d_bias, dt_bias
     return mamba_split_conv1d_scan_combined_torch(*args)
 
 
-def _ext_conv_handles(x, weight, seq_idx, initial_states, return_final_states, final_states_out) -> bool:
-    """What causal_conv1d's CUDA forward takes: width 2-4; seq_idx int32 without initial or final
-    states; states only in the channel-last layout (x.stride(1) == 1)."""
-    if not 2 <= weight.shape[1] <= 4 or x.dtype == torch.float64 or weight.dtype == torch.float64:
+def _ext_conv_handles(x, weight, bias, seq_idx, initial_states, return_final_states,
+                      final_states_out) -> bool:
+    """What causal_conv1d's CUDA forward takes: width 2-4, no float64, bias in weight's dtype;
+    seq_idx int32 without initial or final states; states only in the channel-last layout."""
+    if (not 2 <= weight.shape[1] <= 4 or torch.float64 in (x.dtype, weight.dtype)
+            or (bias is not None and bias.dtype != weight.dtype)):
         return False
     if seq_idx is not None:
         return (seq_idx.dtype == torch.int32 and initial_states is None and not return_final_states
@@ -144,7 +146,7 @@ def causal_conv1d_fn(x, weight, bias=None, seq_idx=None, initial_states=None,
     output 0), initial_states [b,d,w-1]; returns y (and final states [b,d,w-1])."""
     check_conv_args(x, weight, bias, seq_idx, initial_states, final_states_out, activation)
     if backend_for("conv1d", x.device) == "cuda-ext" and _ext_conv_handles(
-            x, weight, seq_idx, initial_states, return_final_states, final_states_out):
+            x, weight, bias, seq_idx, initial_states, return_final_states, final_states_out):
         from causal_conv1d import causal_conv1d_fn as ext
 
         given = (("initial_states", initial_states), ("final_states_out", final_states_out),
@@ -166,7 +168,8 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, cach
     buffer with cache_seqlens [b], a pool picked by conv_state_indices [b] (negative = padding)."""
     check_update_args(x, conv_state, weight, bias, activation, cache_seqlens, conv_state_indices)
     if (backend_for("conv1d_update", x.device) == "cuda-ext" and 2 <= weight.shape[1] <= 4
-            and x.dtype == conv_state.dtype and x.dtype != torch.float64
+            and x.dtype == conv_state.dtype and torch.float64 not in (x.dtype, weight.dtype)
+            and (bias is None or bias.dtype == weight.dtype)
             and all(t is None or t.dtype == torch.int32 for t in (cache_seqlens, conv_state_indices))):
         from causal_conv1d import causal_conv1d_update as ext
 
