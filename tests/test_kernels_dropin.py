@@ -1158,3 +1158,53 @@ def test_property_mutated_shapes_raise_or_match_reference(data):
     except (RuntimeError, IndexError, ValueError, AssertionError) as exc:
         pytest.fail(f"{name}: {arg}{tuple(shape)} was accepted, but the reference cannot run it: {exc}")
     close(got, want, f64)
+
+
+@PROPERTY
+@given(
+    st.integers(1, 3),
+    st.integers(1, 40),
+    st.sampled_from([(2, 1), (4, 2), (3, 3)]),
+    st.integers(1, 3),
+    st.integers(1, 4),
+    st.booleans(),
+    st.booleans(),
+    st.sampled_from([torch.float32, torch.float64, torch.bfloat16]),
+)
+def test_property_ssd_batched(b, l, heads_groups, p, n, with_docs, with_init, dtype):
+    """Batched rows (no cu_seqlens), packed documents per row, low-precision inputs."""
+    h, g = heads_groups
+    x, dt = torch.randn(b, l, h, p, dtype=f64), torch.randn(b, l, h, dtype=f64)
+    A, B, C = (
+        -torch.rand(h, dtype=f64) - 0.05,
+        torch.randn(b, l, g, n, dtype=f64),
+        torch.randn(b, l, g, n, dtype=f64),
+    )
+    D, z, bias = torch.randn(h, p, dtype=f64), torch.randn(b, l, h, p, dtype=f64), torch.randn(h, dtype=f64)
+    init = torch.randn(b, h, p, n, dtype=f64) if with_init else None
+    seq = torch.randint(0, 3, (b, l)).sort(dim=1).values.int() if with_docs else None
+    args = [t.to(dtype) for t in (x, dt, A, B, C)]
+    y, final = mamba_chunk_scan_combined(
+        *args,
+        16,
+        D=D.to(dtype),
+        z=z.to(dtype),
+        dt_bias=bias.to(dtype),
+        initial_states=None if init is None else init.to(dtype),
+        seq_idx=seq,
+        dt_softplus=True,
+        return_final_states=True,
+    )
+    rounded = [t.double() for t in args]
+    y_ref, final_ref = ssd_ref(
+        *rounded,
+        D=D.to(dtype).double(),
+        z=z.to(dtype).double(),
+        dt_bias=bias.to(dtype).double(),
+        initial_states=None if init is None else init.to(dtype).double(),
+        seq_idx=seq,
+        dt_softplus=True,
+    )
+    assert y.dtype == dtype
+    close(y, y_ref, dtype)
+    close(final, final_ref, torch.float32 if dtype == torch.bfloat16 else dtype)
