@@ -41,17 +41,18 @@ class _CausalConv1d(torch.autograd.Function):
         b32 = b32.reshape(dim, 1).contiguous()
         seq = _doc_ids(seq_idx, batch, length, x.device)
         tile = _conv_tile_len(length)
-        y = conv_kernels.causal_conv1d_fwd[batch](x, w32, b32, seq, silu=silu, tile_len=tile)
+        docs = seq_idx is not None
+        y = conv_kernels.causal_conv1d_fwd[batch](x, w32, b32, seq, silu=silu, tile_len=tile, docs=docs)
         ctx.save_for_backward(x, w32, b32, seq)
-        ctx.meta = (silu, tile, bias is not None, weight.dtype)
+        ctx.meta = (silu, tile, docs, bias is not None, weight.dtype)
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, w32, b32, seq = ctx.saved_tensors
-        silu, tile, has_bias, wdtype = ctx.meta
+        silu, tile, docs, has_bias, wdtype = ctx.meta
         dx, dw, db = conv_kernels.causal_conv1d_bwd[x.shape[0]](x, w32, b32, seq, dy.contiguous(),
-                                                                 silu=silu, tile_len=tile)
+                                                                 silu=silu, tile_len=tile, docs=docs)
         dbias = db.sum(0).reshape(-1).to(wdtype) if has_bias else None
         return dx, dw.sum(0).to(wdtype), dbias, None, None
 

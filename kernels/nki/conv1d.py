@@ -32,9 +32,14 @@ def _window(src, bi, c0, rows, t0, T, left, right, at_start, at_end):
     return tile
 
 
-def _same_doc_rows(seq_win, width, n, ones_row):
-    """For each shift s = 1..w-1, a [rows, n] PSUM tile of [seq(u) == seq(u - s)] over the n
-    positions u that start at window column w-1 (the window's left halo is w-1)."""
+def _same_doc_rows(seq, bi, t0, T, right, at_start, at_end, width, rows, docs):
+    """For each shift s = 1..w-1, a [rows, T+right] PSUM tile of [seq(u) == seq(u - s)] over the
+    positions u = t0 .. t0+T+right-1; None for every shift without documents (docs=False)."""
+    if not docs:
+        return [None] * (width - 1)
+    n = T + right
+    seq_win = _window(seq, bi, 0, 1, t0, T, width - 1, right, at_start, at_end)
+    ones_row = nl.ones((1, rows), dtype=nl.float32)
     masks = []
     for s in nl.static_range(1, width):
         row = nl.equal(seq_win[:, width - 1:width - 1 + n], seq_win[:, width - 1 - s:width - 1 - s + n],
@@ -43,55 +48,61 @@ def _same_doc_rows(seq_win, width, n, ones_row):
     return masks
 
 
+def _masked(t, mask):
+    return t if mask is None else nl.multiply(t, mask)
+
+
 def _pre_activation(xw, wt, bt, masks, width, n):
-    """bias + sum_k w_k x[u - s_k] same_{s_k}(u) for the n positions starting at window column w-1."""
+    """bias + sum_k w_k x[u - s_k] same_{s_k}(u) for the n positions starting at window column w-1:
+    one fused multiply-add per tap (plus one multiply per tap for the document mask)."""
     acc = nisa.tensor_scalar(xw[:, width - 1:width - 1 + n], nl.multiply, wt[:, width - 1:width],
                              op1=nl.add, operand1=bt)
     for k in nl.static_range(width - 1):
-        shifted = nl.multiply(xw[:, k:k + n], masks[width - 2 - k])  # masks[s-1], s = w-1-k
-        acc = nl.add(acc, nisa.tensor_scalar(shifted, nl.multiply, wt[:, k:k + 1]))
+        shifted = _masked(xw[:, k:k + n], masks[width - 2 - k])  # masks[s-1], s = w-1-k
+        acc = nisa.scalar_tensor_tensor(data=shifted, op0=nl.multiply, operand0=wt[:, k:k + 1],
+                                        op1=nl.add, operand1=acc)
     return acc
 
 
-def _fwd_tile(x, seq, y, wt, bt, bi, c0, rows, t0, T, width, at_start, silu):
+def _fwd_tile(x, seq, y, wt, bt, bi, c0, rows, t0, T, width, at_start, silu, docs):
     xw = _window(x, bi, c0, rows, t0, T, width - 1, 0, at_start, True)
-    sw = _window(seq, bi, 0, 1, t0, T, width - 1, 0, at_start, True)
-    masks = _same_doc_rows(sw, width, T, nl.ones((1, rows), dtype=nl.float32))
+    masks = _same_doc_rows(seq, bi, t0, T, 0, at_start, True, width, rows, docs)
     pre = _pre_activation(xw, wt, bt, masks, width, T)
     out = nisa.activation(nl.silu if silu else nl.copy, pre, dtype=y.dtype)
     nl.store(y[bi, c0:c0 + rows, t0:t0 + T], value=out)
 
 
-def _fwd_channels(x, weight, bias, seq, y, bi, c0, rows, T, silu):
+def _fwd_channels(x, weight, bias, seq, y, bi, c0, rows, T, silu, docs):
     width, length = weight.shape[1], x.shape[2]
     wt = nl.load(weight[c0:c0 + rows, 0:width], dtype=nl.float32)
     bt = nl.load(bias[c0:c0 + rows, 0:1], dtype=nl.float32)
-    _fwd_tile(x, seq, y, wt, bt, bi, c0, rows, 0, T, width, True, silu)
+    _fwd_tile(x, seq, y, wt, bt, bi, c0, rows, 0, T, width, True, silu, docs)
     for ti in nl.affine_range(1, length // T):
-        _fwd_tile(x, seq, y, wt, bt, bi, c0, rows, ti * T, T, width, False, silu)
+        _fwd_tile(x, seq, y, wt, bt, bi, c0, rows, ti * T, T, width, False, silu, docs)
 
 
 @nki.jit
-def causal_conv1d_fwd(x, weight, bias, seq, silu=True, tile_len=128):
-    """x [b, d, l]; weight [d, w] fp32; bias [d, 1] fp32; seq [b, 1, l] fp32 document ids.
-    Launch on a grid of b programs. Returns y [b, d, l] in x's dtype."""
+def causal_conv1d_fwd(x, weight, bias, seq, silu=True, tile_len=128, docs=True):
+    """x [b, d, l]; weight [d, w] fp32; bias [d, 1] fp32; seq [b, 1, l] fp32 document ids (read
+    only with docs=True). Launch on a grid of b programs. Returns y [b, d, l] in x's dtype."""
     y = nl.ndarray(x.shape, dtype=x.dtype, buffer=nl.shared_hbm)
     bi = nl.program_id(0)
     dim = x.shape[1]
     for ci in nl.affine_range(dim // nl.tile_size.pmax):
-        _fwd_channels(x, weight, bias, seq, y, bi, ci * nl.tile_size.pmax, nl.tile_size.pmax, tile_len, silu)
+        _fwd_channels(x, weight, bias, seq, y, bi, ci * nl.tile_size.pmax, nl.tile_size.pmax, tile_len, silu,
+                      docs)
     if dim % nl.tile_size.pmax:
         c0 = dim - dim % nl.tile_size.pmax
-        _fwd_channels(x, weight, bias, seq, y, bi, c0, dim % nl.tile_size.pmax, tile_len, silu)
+        _fwd_channels(x, weight, bias, seq, y, bi, c0, dim % nl.tile_size.pmax, tile_len, silu, docs)
     return y
 
 
-def _bwd_tile(x, seq, dy, dx, wt, bt, dw_acc, db_acc, bi, c0, rows, t0, T, width, at_start, at_end, silu):
+def _bwd_tile(x, seq, dy, dx, wt, bt, dw_acc, db_acc, bi, c0, rows, t0, T, width, at_start, at_end, silu,
+              docs):
     n = T + width - 1  # the tile and its right halo
     xw = _window(x, bi, c0, rows, t0, T, width - 1, width - 1, at_start, at_end)
-    sw = _window(seq, bi, 0, 1, t0, T, width - 1, width - 1, at_start, at_end)
     dyw = _window(dy, bi, c0, rows, t0, T, 0, width - 1, at_start, at_end)
-    masks = _same_doc_rows(sw, width, n, nl.ones((1, rows), dtype=nl.float32))
+    masks = _same_doc_rows(seq, bi, t0, T, width - 1, at_start, at_end, width, rows, docs)
     if silu:
         pre = _pre_activation(xw, wt, bt, masks, width, n)
         sig = nisa.activation(nl.sigmoid, pre)
@@ -105,15 +116,16 @@ def _bwd_tile(x, seq, dy, dx, wt, bt, dw_acc, db_acc, bi, c0, rows, t0, T, width
                                                axis=1, keepdims=True))
     for k in nl.static_range(width - 1):
         s = width - 1 - k
-        gm = nl.multiply(g, masks[s - 1])  # g(u) same_s(u): the output u = t + s sees input t
-        dxt = nl.add(dxt, nisa.tensor_scalar(gm[:, s:s + T], nl.multiply, wt[:, k:k + 1]))
+        gm = _masked(g, masks[s - 1])  # g(u) same_s(u): the output u = t + s sees input t
+        dxt = nisa.scalar_tensor_tensor(data=gm[:, s:s + T], op0=nl.multiply, operand0=wt[:, k:k + 1],
+                                        op1=nl.add, operand1=dxt)
         dw_acc[:, k:k + 1] = nl.add(dw_acc[:, k:k + 1],
                                     nl.sum(nl.multiply(gm[:, 0:T], xw[:, k:k + T]), axis=1, keepdims=True))
     db_acc[...] = nl.add(db_acc, nl.sum(g[:, 0:T], axis=1, keepdims=True))
     nl.store(dx[bi, c0:c0 + rows, t0:t0 + T], value=nl.copy(dxt, dtype=dx.dtype))
 
 
-def _bwd_channels(x, weight, bias, seq, dy, dx, dw, db, bi, c0, rows, T, silu):
+def _bwd_channels(x, weight, bias, seq, dy, dx, dw, db, bi, c0, rows, T, silu, docs):
     width, length = weight.shape[1], x.shape[2]
     ntiles = length // T
     wt = nl.load(weight[c0:c0 + rows, 0:width], dtype=nl.float32)
@@ -121,17 +133,17 @@ def _bwd_channels(x, weight, bias, seq, dy, dx, dw, db, bi, c0, rows, T, silu):
     dw_acc = nl.zeros((rows, width), dtype=nl.float32)
     db_acc = nl.zeros((rows, 1), dtype=nl.float32)
     args = (x, seq, dy, dx, wt, bt, dw_acc, db_acc, bi, c0, rows)
-    _bwd_tile(*args, 0, T, width, True, ntiles == 1, silu)
+    _bwd_tile(*args, 0, T, width, True, ntiles == 1, silu, docs)
     for ti in nl.sequential_range(1, ntiles - 1):
-        _bwd_tile(*args, ti * T, T, width, False, False, silu)
+        _bwd_tile(*args, ti * T, T, width, False, False, silu, docs)
     if ntiles > 1:
-        _bwd_tile(*args, (ntiles - 1) * T, T, width, False, True, silu)
+        _bwd_tile(*args, (ntiles - 1) * T, T, width, False, True, silu, docs)
     nl.store(dw[bi, c0:c0 + rows, 0:width], value=dw_acc)
     nl.store(db[bi, c0:c0 + rows, 0:1], value=db_acc)
 
 
 @nki.jit
-def causal_conv1d_bwd(x, weight, bias, seq, dy, silu=True, tile_len=128):
+def causal_conv1d_bwd(x, weight, bias, seq, dy, silu=True, tile_len=128, docs=True):
     """Gradients of causal_conv1d_fwd. Launch on a grid of b programs. Returns dx [b, d, l] (x's
     dtype), dweight [b, d, w] and dbias [b, d, 1] per batch row (fp32; sum them over b)."""
     batch, dim, _ = x.shape
@@ -142,8 +154,9 @@ def causal_conv1d_bwd(x, weight, bias, seq, dy, silu=True, tile_len=128):
     bi = nl.program_id(0)
     for ci in nl.affine_range(dim // nl.tile_size.pmax):
         _bwd_channels(x, weight, bias, seq, dy, dx, dw, db, bi, ci * nl.tile_size.pmax, nl.tile_size.pmax,
-                      tile_len, silu)
+                      tile_len, silu, docs)
     if dim % nl.tile_size.pmax:
         c0 = dim - dim % nl.tile_size.pmax
-        _bwd_channels(x, weight, bias, seq, dy, dx, dw, db, bi, c0, dim % nl.tile_size.pmax, tile_len, silu)
+        _bwd_channels(x, weight, bias, seq, dy, dx, dw, db, bi, c0, dim % nl.tile_size.pmax, tile_len, silu,
+                      docs)
     return dx, dw, db

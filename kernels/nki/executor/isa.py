@@ -100,6 +100,27 @@ def tensor_scalar(data, op0, operand0, reverse0=False, op1=None, operand1=None, 
     return Tensor(core.cast(v, out_dtype), out_dtype, "sbuf")
 
 
+def scalar_tensor_tensor(*, data, op0, operand0, op1, operand1, reverse0=False, reverse1=False, dtype=None,
+                         mask=None, **kwargs):
+    """(data op0 operand0) op1 operand1 on the Vector Engine: operand0 a scalar or one value per
+    partition, operand1 a tile of data's shape (not both data and operand1 in PSUM)."""
+    if mask is not None:
+        raise NotImplementedError("masked scalar_tensor_tensor is outside the executor's subset")
+    t, other = _tile(data, "data"), _tile(operand1, "operand1")
+    if other.shape != t.shape:
+        raise HardwareLimitError(f"operand1 {other.shape} must have data's shape {t.shape}")
+    if t.buffer == "psum" and other.buffer == "psum":
+        raise HardwareLimitError("scalar_tensor_tensor: data and operand1 cannot both be in PSUM")
+    a = _vector_operand(operand0, t, "operand0")
+    v, w = core._values(t).astype(np.float32), core._values(other).astype(np.float32)
+    with np.errstate(all="ignore"):
+        v = _np_op(op0)(a, v) if reverse0 else _np_op(op0)(v, a)
+        v = _np_op(op1)(w, v) if reverse1 else _np_op(op1)(v, w)
+    counters.vector_elems += v.size
+    out_dtype = dtype or t.dtype
+    return Tensor(core.cast(v, out_dtype), out_dtype, "sbuf")
+
+
 def activation(op, data, *, bias=None, scale=1.0, mask=None, dtype=None, **kwargs):
     """op(data * scale + bias) on the Scalar Engine; bias and a tile scale hold one value per partition."""
     if mask is not None:
