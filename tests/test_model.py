@@ -275,3 +275,56 @@ def test_meta_device_init_initialises_every_parameter(order):
     assert model.lm_head.weight is model.backbone.embedding.weight
     assert abs(model.backbone.embedding.weight.std().item() - 0.02) < 3e-3
     assert torch.isfinite(model(torch.randint(0, 101, (1, 8)))).all()
+
+
+# ---------------------------------------------------------------- training memory (issue 14.6)
+def test_block_gradients_are_exact_with_the_memory_saving_norms():
+    """RMSNorm's own backward and the recomputed gated norm against numerical gradients."""
+    from mamba.model.lm import _RMSNormFunction
+
+    x = torch.randn(3, 5, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: _RMSNormFunction.apply(a, b, 1e-5), (x, w))
+    for across in (False, True):
+        model = tiny("M", ssm_cfg={**SMALL_SSM, "norm_across_channels": across}).double().train()
+        block = model.backbone.layers[0]
+        with torch.no_grad():
+            block.mixer.norm.weight.add_(torch.randn(block.mixer.d_inner, dtype=torch.float64))
+        hidden = torch.randn(1, 9, 64, dtype=torch.float64, requires_grad=True) * 0.5
+        norm_w = block.mixer.norm.weight
+
+        def run(h, gated_weight):
+            with torch.nn.utils.stateless._reparametrize_module(block, {"mixer.norm.weight": gated_weight}):
+                out, residual = block(h, None)
+            return out.sum(-1) + residual.sum(-1)
+
+        # the gated norm computes in float32 even here: a wide finite-difference step, loose tolerance
+        inputs = (hidden.detach().requires_grad_(), norm_w.detach().requires_grad_())
+        assert torch.autograd.gradcheck(run, inputs, eps=1e-3, atol=2e-3, rtol=1e-2, fast_mode=True)
+
+
+def test_a_mamba2_block_keeps_no_activation_twice():
+    """What autograd keeps for a Mamba-2 block: RMSNorm keeps its input and 1/rms only, and the
+    gated norm's intermediates and in_proj's output ([z|xBC|dt], held through z's view) are gone."""
+    model = tiny("M").train()
+    block = model.backbone.layers[0]
+    tokens, d_inner = 32, block.mixer.d_inner
+    saved = []
+
+    def pack(t):
+        saved.append((t.untyped_storage().data_ptr(), t.untyped_storage().nbytes(), tuple(t.shape)))
+        return t
+
+    hidden = torch.randn(1, tokens, 64, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out, _ = block(hidden, None)
+    in_proj_out = tokens * block.mixer.in_proj.out_features * 4
+    assert all(nbytes != in_proj_out for _, nbytes, _ in saved)
+    storages = {ptr: nbytes for ptr, nbytes, _ in saved}
+    params = {p.untyped_storage().data_ptr() for p in block.parameters()}
+    gated = [s for ptr, s in storages.items() if ptr not in params and s == tokens * d_inner * 4]
+    assert len(gated) <= 4, gated  # y, z, the gated norm's output (out_proj's input), and x*dt in the scan
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        block.norm(hidden)
+    assert sorted(math.prod(shape) for _, _, shape in saved) == sorted([64, tokens, tokens * 64])

@@ -22,6 +22,28 @@ from mamba.model.mamba2 import Mamba2
 from mamba.model.mlp import MLP as MLPLayer
 
 
+class _RMSNormFunction(torch.autograd.Function):
+    """rmsnorm(x) * weight keeping only x (the residual stream, alive anyway) and 1/rms for
+    backward; composed from torch ops, autograd would also keep the normalised copy of x."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps: float):
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return (xf * rstd * weight.to(xf.dtype)).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, rstd = ctx.saved_tensors
+        normed = x.to(rstd.dtype) * rstd
+        grad_f = grad.to(rstd.dtype)
+        grad_weight = (grad_f * normed).reshape(-1, x.shape[-1]).sum(0)
+        g = grad_f * weight.to(rstd.dtype)
+        grad_x = rstd * (g - normed * (g * normed).mean(-1, keepdim=True))
+        return grad_x.to(x.dtype), grad_weight.to(weight.dtype), None
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
@@ -32,6 +54,8 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
     def forward(self, x):
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            return _RMSNormFunction.apply(x, self.weight, self.eps)
         xf = x.float()
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
                 * self.weight.float()).to(x.dtype)
