@@ -121,3 +121,25 @@ def mamba_chunk_scan_nki(x, dt, A, B, C, D=None, z=None, dt_bias=None, seq_idx=N
     if z is not None:
         y = (y.to(torch.float32) * F.silu(z.to(torch.float32))).to(x.dtype)
     return y
+
+
+def mamba_chunk_scan_combined_nki(x, dt, A, B, C, chunk_size=CHUNK, D=None, z=None, dt_bias=None,
+                                  initial_states=None, seq_idx=None, dt_softplus=False,
+                                  dt_limit=(0.0, math.inf), return_final_states=False):
+    """kernels.dispatch.mamba_chunk_scan_combined's contract on the NKI kernels. chunk_size is
+    accepted and unused (the kernels' chunk is 128; results do not depend on it); initial and
+    final states are not supported: the dispatch sends those calls to the torch path."""
+    if initial_states is not None or return_final_states:
+        raise ValueError("the NKI SSD kernel has no initial_states / return_final_states; use the torch path")
+    return mamba_chunk_scan_nki(x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, seq_idx=seq_idx,
+                                dt_softplus=dt_softplus, dt_limit=dt_limit)
+
+
+def causal_conv1d_fn_nki(x, weight, bias=None, seq_idx=None, initial_states=None, return_final_states=False,
+                         activation=None):
+    """kernels.dispatch.causal_conv1d_fn's contract on the NKI kernels, without initial / final
+    states (the dispatch sends those calls to the torch path)."""
+    if initial_states is not None or return_final_states:
+        raise ValueError("the NKI conv kernel has no initial_states / return_final_states; "
+                         "use the torch path")
+    return causal_conv1d_nki(x, weight, bias, seq_idx=seq_idx, activation=activation)

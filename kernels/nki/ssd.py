@@ -15,8 +15,10 @@ compared by count equality, exact in fp32.
 
 Backward: the forward writes the state entering each chunk ([b, h, chunks, n, p] fp32, 1/128 of
 the full per-token state) and the backward reads it, instead of recomputing the sequential chunk
-recurrence. That costs one small extra HBM write in the forward and lets the backward walk the
-chunks in reverse with only the reverse recurrence (dP = a dP' + C^T dZ) carried on chip;
+recurrence. That costs n*p*4 bytes of HBM writes per chunk and head in the forward (32 KB for
+n=128, p=64: twice the chunk's bf16 x; skipped when no gradient is needed) and spares the
+backward a second sequential sweep over the sequence: it walks the chunks in reverse with only
+the reverse recurrence (dP = a dP' + C^T dZ) carried on chip;
 everything inside a chunk (L, C.B^T, masks) is recomputed from x, dt, B, C, which is cheap next
 to the matmuls that use it. All matmul operands are fp32 (inputs may be bf16; they are widened
 on load), accumulation in fp32 PSUM. dB/dC sum over the heads of the group on chip; dD comes
