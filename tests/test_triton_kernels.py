@@ -280,3 +280,25 @@ def test_kernels_compile_for_a_gpu_without_one(tmp_path):
     lines = out.stdout.splitlines()
     assert len(lines) == 5, out.stdout
     assert all(ln.startswith("sm_90 ") and "0 bytes spill stores" in ln for ln in lines), out.stdout
+
+
+@interpreted
+def test_usable_only_for_cuda_tensors_of_supported_dtypes():
+    from kernels.triton import usable
+
+    x = torch.zeros(2, 3)
+    assert not usable(x, None)  # CPU tensors go to the torch / C paths
+    assert not usable()
+    meta = torch.zeros(2, 3, device="meta")
+    assert not usable(meta)
+
+
+@interpreted
+def test_empty_sequences():
+    t = {k: v.float() for k, v in scan_inputs(2, 4, 3, 0, 1, {"D": True}).items()}
+    y, last = selective_scan_triton(**t, return_last_state=True)
+    assert y.shape == (2, 4, 0) and torch.equal(last, torch.zeros(2, 4, 3))
+    x, w = torch.zeros(2, 3, 0), torch.randn(3, 4)
+    init = torch.randn(2, 3, 3)
+    y, final = causal_conv1d_triton(x, w, initial_states=init, return_final_states=True)
+    assert y.shape == (2, 3, 0) and torch.equal(final, init)

@@ -29,6 +29,10 @@ from __future__ import annotations
 
 import importlib.util
 
+import torch
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
 
 def available() -> bool:
     """True where triton is importable (a CUDA device or TRITON_INTERPRET=1 is still needed to run)."""
@@ -36,6 +40,14 @@ def available() -> bool:
         return importlib.util.find_spec("triton") is not None
     except (ImportError, ValueError):
         return False
+
+
+def usable(*tensors) -> bool:
+    """True where dispatch may send these tensors (None entries ignored) here: triton is installed, all are
+    CUDA tensors, and the floating ones are float32, float16 or bfloat16."""
+    present = [t for t in tensors if t is not None]
+    return (available() and bool(present) and all(t.device.type == "cuda" for t in present)
+            and all(t.dtype in _DTYPES for t in present if t.is_floating_point()))
 
 
 def _require():
@@ -64,4 +76,4 @@ def causal_conv1d_triton(x, weight, bias=None, seq_idx=None, initial_states=None
                return_final_states=return_final_states, activation=activation)
 
 
-__all__ = ["available", "causal_conv1d_triton", "selective_scan_triton"]
+__all__ = ["available", "causal_conv1d_triton", "selective_scan_triton", "usable"]

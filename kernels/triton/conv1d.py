@@ -43,7 +43,7 @@ def _conv_fwd(x_ptr, w_ptr, bias_ptr, seq_ptr, init_ptr, y_ptr, dy_ptr, g_ptr, d
               SILU: tl.constexpr, BACKWARD: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
     """Forward: y = act(bias + sum_k w_k * tap_k). BACKWARD: g = dy * act'(pre) into g_ptr (float32,
     [b,d,l] contiguous) and this tile's weight gradients into dw_ptr[b, l-block, d, k]."""
-    b, pid_d, pid_l = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, pid_d, pid_l = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)  # int64 offsets
     d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     t = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
     d_mask, t_mask = d < dim, t < length
@@ -81,7 +81,7 @@ def _conv_bwd_x(g_ptr, w_ptr, seq_ptr, dx_ptr, dinit_ptr, dim, length,
                 BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
     """Gradient of every column f of [initial state | x] (f < W-1: the initial state), from the
     outputs t = f - k that read it through tap k."""
-    b, pid_d, pid_l = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, pid_d, pid_l = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)  # int64 offsets
     d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     f = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
     pos = f - (W - 1)  # position in x
@@ -179,8 +179,11 @@ def causal_conv1d_triton(x, weight, bias=None, seq_idx=None, initial_states=None
         raise ValueError(f"weight {tuple(weight.shape)} must be [d={dim}, w] and initial_states "
                          f"[b={batch}, d={dim}, w-1]")
     seq = None if seq_idx is None else seq_idx.to(torch.int32).contiguous()
-    y = _CausalConv1dTriton.apply(x, weight.contiguous(), None if bias is None else bias.contiguous(), seq,
-                                  initial_states, activation is not None)
+    if length == 0:  # nothing to launch (an empty y, still in the graph)
+        y = x * 0
+    else:
+        y = _CausalConv1dTriton.apply(x, weight.contiguous(), None if bias is None else bias.contiguous(),
+                                      seq, initial_states, activation is not None)
     if not return_final_states:
         return y
     history = (initial_states.to(x.dtype) if initial_states is not None

@@ -48,7 +48,7 @@ def _scan_fwd(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, seq
               HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
               HAS_SEQ: tl.constexpr, SAVE_CKPT: tl.constexpr,
               K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_b, pid_g, pid_d = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pid_b, pid_g, pid_d = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)  # int64 offsets
     j = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     d_mask = j < dpg
     d = pid_g * dpg + j
@@ -98,7 +98,7 @@ def _scan_bwd(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, seq
               HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
               HAS_SEQ: tl.constexpr, HAS_DLAST: tl.constexpr,
               K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_b, pid_g, pid_d = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pid_b, pid_g, pid_d = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)  # int64 offsets
     ngroups = tl.num_programs(1)
     j = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     d_mask = j < dpg
@@ -276,6 +276,9 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
     if Cg.shape != Bg.shape or Bg.shape != (batch, groups, A.shape[1], length) or dim % groups:
         raise ValueError(f"B {tuple(B.shape)} / C {tuple(C.shape)} must be [b,n,l] or [b,g,n,l] with "
                          f"b={batch}, n={A.shape[1]}, l={length} and g dividing d={dim}")
+    if length == 0:  # nothing to launch: an empty y (still in the graph) and a zero state
+        y, last = u * 0, u.new_zeros(batch, dim, A.shape[1], dtype=torch.float32)
+        return (y, last) if return_last_state else y
     seq = None if seq_idx is None else seq_idx.to(torch.int32).contiguous()
     # Bg / Cg may be views of [b,n,l] tensors: autograd reshapes their gradients back.
     y, last = _SelectiveScanTriton.apply(
