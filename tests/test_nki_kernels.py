@@ -351,8 +351,9 @@ def test_nki_enabled_only_for_the_real_compiler_on_xla(nki):
 
 
 def test_mamba2_mixer_on_the_nki_kernels_matches_the_torch_path(nki, monkeypatch):
-    """The model's own calls (views, D per head, dt_limit, seq_idx) through the dispatch-shaped
-    entry points: output and every parameter gradient as on the torch path."""
+    """The model's own calls (views, D per head, dt_limit, seq_idx, the grouped gated norm under
+    activation checkpointing) through the dispatch-shaped entry points: output and every
+    parameter gradient as on the torch path."""
     _, autograd = nki
     import mamba.model.mamba2 as mamba2
 
@@ -370,9 +371,37 @@ def test_mamba2_mixer_on_the_nki_kernels_matches_the_torch_path(nki, monkeypatch
     out_ref, grads_ref = run()
     monkeypatch.setattr(mamba2, "causal_conv1d_fn", autograd.causal_conv1d_fn_nki)
     monkeypatch.setattr(mamba2, "mamba_chunk_scan_combined", autograd.mamba_chunk_scan_combined_nki)
+    monkeypatch.setattr(mamba2, "rms_norm_gated", autograd.rms_norm_gated_nki)
     executor.counters.reset()
     out, grads = run()
     assert executor.counters.matmul_flops > 0  # the kernels ran
     _close(out, out_ref, 2e-5, "mixer output")
     for name, g in grads.items():
         _close(g, grads_ref[name], 1e-4, f"grad of {name}")
+
+
+@pytest.mark.parametrize("dim,group_size,gated,before", [
+    (640, 320, True, False),  # Mamba-2's choice, two groups, w broadcast in two 512-column pieces
+    (192, None, True, True),
+    (192, 64, False, False),
+])
+def test_gated_rms_norm_matches_torch_float64(nki, dim, group_size, gated, before):
+    _, autograd = nki
+    from kernels.norm import rms_norm_gated
+
+    x = torch.randn(2, 128, dim, dtype=torch.float64, requires_grad=True)
+    z = torch.randn(2, 128, dim, dtype=torch.float64, requires_grad=True) if gated else None
+    w = (torch.rand(dim, dtype=torch.float64) + 0.5).requires_grad_()
+    leaves = [t for t in (x, z, w) if t is not None]
+    y_ref = rms_norm_gated(x, w, z, 1e-5, group_size, before)
+    dy = torch.randn_like(y_ref)
+    grads_ref = torch.autograd.grad(y_ref, leaves, dy)
+    ours = [t.detach().float().requires_grad_() for t in leaves]
+    xo, zo, wo = ours[0], ours[1] if gated else None, ours[-1]
+    y = autograd.rms_norm_gated_nki(xo, wo, zo, 1e-5, group_size, before)
+    _close(y, y_ref, 1e-5, "y")
+    for name, g, g_ref in zip(("dx", "dz", "dw") if gated else ("dx", "dw"),
+                              torch.autograd.grad(y, ours, dy.float()), grads_ref, strict=True):
+        _close(g, g_ref, 2e-5, name)
+    with pytest.raises(ValueError, match="100 rows"):
+        autograd.rms_norm_gated_nki(torch.randn(100, dim), torch.ones(dim))

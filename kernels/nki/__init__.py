@@ -1,4 +1,5 @@
-"""NKI kernels for Trainium (Mamba-2 SSD, causal conv1d; forward and backward, with seq_idx).
+"""NKI kernels for Trainium, forward and backward: Mamba-2 SSD and causal conv1d (with seq_idx),
+Mamba-2's grouped gated RMSNorm.
 
 The kernel modules import `neuronxcc.nki`, so nothing here imports them until asked:
   * `nki_available()` says whether the real neuronxcc is importable, `nki_enabled(device)`

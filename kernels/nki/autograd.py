@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from kernels.nki import CHUNK, check_length
 from kernels.nki import conv1d as conv_kernels
+from kernels.nki import norm as norm_kernels
 from kernels.nki import ssd as ssd_kernels
 from kernels.ssd import process_dt
 
@@ -143,3 +144,39 @@ def causal_conv1d_fn_nki(x, weight, bias=None, seq_idx=None, initial_states=None
         raise ValueError("the NKI conv kernel has no initial_states / return_final_states; "
                          "use the torch path")
     return causal_conv1d_nki(x, weight, bias, seq_idx=seq_idx, activation=activation)
+
+
+class _GatedRMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, z, weight, group_size, eps, norm_before_gate):
+        dim = x.shape[-1]
+        x2 = x.reshape(-1, dim).contiguous()
+        z2 = z.reshape(-1, dim).contiguous() if z is not None else x2  # z2 unused without a gate
+        w = weight.to(torch.float32).reshape(1, dim).contiguous()
+        flags = dict(eps=eps, gated=z is not None, norm_before_gate=norm_before_gate)
+        y = norm_kernels.gated_rms_norm_fwd[x2.shape[0] // CHUNK](x2, z2, w, group_size, **flags)
+        ctx.save_for_backward(x2, z2, w)
+        ctx.meta = (x.shape, group_size, flags, weight.dtype)
+        return y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, z2, w = ctx.saved_tensors
+        shape, group_size, flags, wdtype = ctx.meta
+        dx, dz, dw = norm_kernels.gated_rms_norm_bwd[x2.shape[0] // CHUNK](
+            x2, z2, w, dy.reshape(x2.shape).contiguous(), group_size, **flags)
+        dz = dz.view(shape) if flags["gated"] else None
+        return dx.view(shape), dz, dw.sum(0).to(wdtype), None, None, None
+
+
+def rms_norm_gated_nki(x, weight, z=None, eps=1e-5, group_size=None, norm_before_gate=False):
+    """kernels.norm.rms_norm_gated on the NKI kernels: x, z [..., d] with a multiple of 128 rows."""
+    dim = x.shape[-1]
+    group_size = group_size or dim
+    if dim % group_size:
+        raise ValueError(f"group_size={group_size} must divide the last dimension {dim}")
+    rows = x.numel() // dim
+    if rows % CHUNK:
+        raise ValueError(f"{rows} rows is not a multiple of {CHUNK}, which the NKI norm kernel needs; "
+                         "pad the batch or set MAMBA_KERNELS=torch")
+    return _GatedRMSNorm.apply(x, z, weight, group_size, eps, norm_before_gate)

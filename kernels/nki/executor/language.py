@@ -210,6 +210,7 @@ sigmoid = _unary(_sigmoid, "sigmoid")
 silu = _unary(lambda x: x * _sigmoid(x), "silu")
 softplus = _unary(lambda x: np.logaddexp(0.0, x), "softplus")
 square = _unary(np.square, "square")
+rsqrt = _unary(lambda v: 1.0 / np.sqrt(v), "rsqrt")
 negative = _unary(np.negative, "negative")
 
 
