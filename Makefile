@@ -7,6 +7,10 @@ TESTS  ?= tests
 
 .PHONY: setup demo test lint bench clean
 
+# Idle OpenMP threads sleep instead of spinning: on a busy machine spinning threads took the CPU
+# from the ones doing the work (bench/bench_threads.py). Set OMP_WAIT_POLICY yourself to override.
+demo test: export OMP_WAIT_POLICY ?= PASSIVE
+
 setup: $(STAMP)
 
 $(STAMP): requirements.txt

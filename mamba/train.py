@@ -21,6 +21,11 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script by the composer launcher
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+# OpenMP reads its wait policy once, when torch loads it. Passive: a worker thread with nothing
+# to do sleeps instead of spinning, so on a busy machine it does not take CPU time from the
+# threads doing the work (bench/bench_threads.py). A user's own OMP_WAIT_POLICY wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import torch  # noqa: E402
 
 from mamba.strict import ConfigError  # noqa: E402
@@ -308,9 +313,7 @@ def train(cfg: TrainConfig, derived: dict):
 
     if derived["device"] == "cpu":
         torch.set_flush_denormal(True)  # denormal floats slow CPU math ~100x; flushing is harmless
-        if "OMP_NUM_THREADS" not in os.environ:  # ranks on one node share its cores
-            ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // ranks_here))
+        configure_cpu_threads()
     from composer.utils import reproducibility
 
     # the same seed on every rank before init: FSDP shards must come from identical weights
@@ -390,6 +393,31 @@ def sample_text(model, tok, sample: SampleSection, eos_token_id: int | None) -> 
     if eos_token_id is not None and eos_token_id in row:
         row = row[:row.index(eos_token_id)]
     return cut_at_stop(tok.decode(row), sample_stops(sample))
+
+
+def available_cpus() -> int:
+    """CPUs this process may use: its affinity (taskset, cpusets, Slurm), capped by a cgroup v2
+    CPU quota (a container's --cpus); os.cpu_count() counts the whole machine."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return cpus
+
+
+def configure_cpu_threads() -> int:
+    """Torch's intra-op threads for a CPU run: OMP_NUM_THREADS when the user set it, else the
+    available CPUs shared among the ranks on this node."""
+    if "OMP_NUM_THREADS" not in os.environ:
+        ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        torch.set_num_threads(max(1, available_cpus() // ranks_here))
+    return torch.get_num_threads()
 
 
 def per_rank_triton_cache() -> None:
