@@ -22,29 +22,51 @@ from neuron.runtime import import_nxd
 IGNORE_INDEX = -100
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward hands on a contiguous gradient (the model splits and transposes
+    the projections' outputs; NxD's backward views the gradient as 2-D)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
 def _layers():
+    """NxD's parallel linears, taking any input layout (their backward views the saved input)."""
     import_nxd()
     from neuronx_distributed.parallel_layers import layers, mappings
 
-    class ReducedRowParallelLinear(layers.RowParallelLinear):
+    class ColumnParallelLinear(layers.ColumnParallelLinear):
+        def forward(self, input_):
+            return _ContiguousGrad.apply(super().forward(input_.contiguous()))
+
+    class RowParallelLinear(layers.RowParallelLinear):
+        def forward(self, input_):
+            return _ContiguousGrad.apply(super().forward(input_.contiguous()))
+
+    class ReducedRowParallelLinear(RowParallelLinear):
         """Row-parallel whose (reduced) output feeds rank-local work again, so its gradient is a
         partial sum per rank and is all-reduced on the way back (Mamba-1's x_proj)."""
 
         def forward(self, input_):
             return mappings.copy_to_tensor_model_parallel_region(super().forward(input_))
 
-    return layers, ReducedRowParallelLinear
+    return layers, ColumnParallelLinear, RowParallelLinear, ReducedRowParallelLinear
 
 
 def _column(linear: nn.Linear, dtype) -> nn.Module:
-    layers, _ = _layers()
-    return layers.ColumnParallelLinear(linear.in_features, linear.out_features, bias=linear.bias is not None,
+    _, column, _, _ = _layers()
+    return column(linear.in_features, linear.out_features, bias=linear.bias is not None,
                                        gather_output=False, dtype=dtype)
 
 
 def _row(linear: nn.Linear, dtype, reduced_grad: bool = False) -> nn.Module:
-    layers, reduced = _layers()
-    cls = reduced if reduced_grad else layers.RowParallelLinear
+    _, _, row, reduced = _layers()
+    cls = reduced if reduced_grad else row
     return cls(linear.in_features, linear.out_features, bias=linear.bias is not None, input_is_parallel=True,
                dtype=dtype)
 
@@ -86,12 +108,14 @@ def parallelize(model: MambaLMHeadModel, tp: int) -> MambaLMHeadModel:
     shard = shard_state_dict(model.state_dict(), config, tp, rank)
     no_decay = {name for name, p in model.named_parameters() if getattr(p, "_no_weight_decay", False)}
     dtype = model.backbone.embedding.weight.dtype
+    if dtype not in (torch.float32, torch.bfloat16):  # NxD's ParallelEmbedding casts anything else to bf16
+        raise ValueError(f"parallelize: model dtype {dtype}; NxD's layers take float32 or bfloat16")
 
-    layers, _ = _layers()
+    layers, column, _, _ = _layers()
     embedding = model.backbone.embedding
     model.backbone.embedding = layers.ParallelEmbedding(embedding.num_embeddings, embedding.embedding_dim,
                                                         dtype=dtype)
-    model.lm_head = layers.ColumnParallelLinear(config.d_model, config.padded_vocab_size, bias=False,
+    model.lm_head = column(config.d_model, config.padded_vocab_size, bias=False,
                                                 gather_output=False, dtype=dtype)
     for layer in model.backbone.layers:
         _swap_mixer(layer.kind, layer.mixer, config, tp, dtype)
@@ -131,7 +155,9 @@ def lm_loss(logits_parallel: torch.Tensor, labels: torch.Tensor, normaliser) -> 
 
     mask = labels != IGNORE_INDEX
     targets = torch.where(mask, labels, torch.zeros_like(labels))
-    per_token = parallel_cross_entropy(logits_parallel.float(), targets)
+    # a copy in at least float32: NxD's parallel cross entropy shifts its input in place
+    dtype = torch.promote_types(logits_parallel.dtype, torch.float32)
+    per_token = parallel_cross_entropy(logits_parallel.to(dtype, copy=True), targets)
     return (per_token * mask).sum() / normaliser
 
 

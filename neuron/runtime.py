@@ -104,8 +104,9 @@ def import_nxd():
         # torch.utils.checkpoint looks up torch.<device type> for RNG states; torch-xla 2.7 registers
         # none, so checkpointed model code would fail on XLA. Without `_initialized` it skips them.
         torch._register_device_module("xla", types.ModuleType("torch.xla"))
-    if mode() == XLA_CPU:
-        # NxD treats only PJRT_DEVICE=NEURON as PJRT; torch-xla's CPU device is one too.
+    if mode() != NEURON:
+        # NxD treats only PJRT_DEVICE=NEURON as PJRT; torch-xla's CPU client is one too (its checkpoint
+        # code asks it for the local world size).
         import neuronx_distributed.parallel_layers.utils as nxd_utils
 
         nxd_utils.is_pjrt_device = lambda: True

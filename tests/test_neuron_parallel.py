@@ -1,0 +1,181 @@
+"""Real tensor parallelism under neuronx-distributed: 2 gloo ranks (NXD_CPU_MODE=1), NxD's own
+parallel layers. tp=2 gives the logits, loss and gradients of the plain model from the same
+weights, two training steps give the same weights, and the TP=2 checkpoint converts to a native
+folder whose logits equal the plain model's after the same updates. Hybrid: Mamba-2 (ngroups 2),
+Mamba-1, attention (GQA), MLP; packed documents.
+
+This file is also the worker: `torchrun --nproc_per_node 2 tests/test_neuron_parallel.py OUT`.
+"""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from mamba.model import MambaConfig, MambaLMHeadModel  # noqa: E402
+
+CONFIG = dict(vocab_size=61, d_model=64, n_layer=5, layer_pattern="M*-mM", d_intermediate=96,
+              pad_vocab_size_multiple=8,
+              ssm_cfg={"d_state": 16, "headdim": 16, "ngroups": 2, "chunk_size": 16},
+              attn_cfg={"num_heads": 4, "num_heads_kv": 2, "rotary_emb_dim": 8})
+
+
+def batches(n: int, seed: int = 3):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, 61, (2, 32), generator=g)
+        labels = torch.randint(0, 61, (2, 32), generator=g)
+        labels[0, :7] = -100
+        seq_idx = torch.tensor([[0] * 12 + [1] * 20, [0] * 5 + [1] * 9 + [2] * 18], dtype=torch.int32)
+        out.append({"input_ids": ids, "labels": labels, "seq_idx": seq_idx})
+    return out
+
+
+def reference_steps(model, settings, steps):
+    """Plain torch: masked mean CE, AdamW with the recipe's no-decay groups, clipping, same lr."""
+    from neuron.trainer import lr_at, param_groups
+
+    opt = torch.optim.AdamW(param_groups(model, settings.weight_decay), lr=settings.lr, betas=settings.betas,
+                            eps=settings.eps)
+    for step, mbs in enumerate(steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, settings)
+        n = sum(int((mb["labels"] != -100).sum()) for mb in mbs)
+        for mb in mbs:
+            logits = model(mb["input_ids"], seq_idx=mb["seq_idx"])
+            loss = F.cross_entropy(logits.flatten(0, 1), mb["labels"].flatten(), reduction="sum") / n
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+        opt.step()
+        opt.zero_grad()
+
+
+def worker(out_path: str) -> None:
+    from neuron import checkpoint
+    from neuron.config import parse_settings
+    from neuron.parallel import full_state_dict, gather_logits, lm_loss, parallelize
+    from neuron.runtime import init_distributed
+    from neuron.trainer import train_step
+
+    world = init_distributed(2)
+    assert world.world_size == 2 and world.tp == 2 and world.mode == "cpu"
+    config = MambaConfig(**CONFIG)
+    torch.manual_seed(0)
+    full = MambaLMHeadModel(config)  # float32: NxD's ParallelEmbedding supports float32 / bfloat16 only
+    for p in full.parameters():  # non-trivial norms and biases
+        if p.dim() == 1:
+            p.data.add_(0.05 * torch.randn_like(p))
+    source = MambaLMHeadModel(config)  # not deepcopy: it drops the parameters' _no_weight_decay flags
+    source.load_state_dict(full.state_dict())
+    tp_model = parallelize(source, 2)
+    results = {}
+
+    mb = batches(1)[0]
+    ref_logits = full(mb["input_ids"], seq_idx=mb["seq_idx"])
+    n = (mb["labels"] != -100).sum()
+    ref_loss = F.cross_entropy(ref_logits.flatten(0, 1), mb["labels"].flatten(), reduction="sum") / n
+    ref_loss.backward()
+    logits = tp_model(mb["input_ids"], seq_idx=mb["seq_idx"])
+    loss = lm_loss(logits, mb["labels"], n)
+    loss.backward()
+    results["logits"] = (gather_logits(logits) - ref_logits).abs().max().item()
+    results["logits_scale"] = ref_logits.abs().max().item()
+    results["loss"] = abs(loss.item() - ref_loss.item())
+    grads = {k: p.grad for k, p in tp_model.named_parameters()}
+    for k in grads:  # full_state_dict merges whatever the parameters hold: swap grads in
+        grads[k], tp_model.get_parameter(k).data = tp_model.get_parameter(k).data, grads[k]
+    merged = full_state_dict(tp_model, 2)
+    for k, data in grads.items():
+        tp_model.get_parameter(k).data = data
+    ref_grads = {k: p.grad for k, p in full.named_parameters()}
+    results["grads"] = max((merged[k] - g).abs().max().item() for k, g in ref_grads.items())
+    results["grad_scale"] = max(g.abs().max().item() for g in ref_grads.values())
+    results["grads_checked"] = len(ref_grads)
+    full.zero_grad()
+    tp_model.zero_grad()
+
+    settings = dataclasses.replace(parse_settings(["--lr", "0.01", "--warmup-steps", "1", "--max-steps", "2",
+                                                   "--grad-clip", "0.5"]), model=config, tp=2,
+                                   eps=1e-3)  # Adam's eps: rounding in near-zero gradients stays small
+    steps = [batches(2, seed=10 + i) for i in range(2)]
+    from neuron.trainer import build_optimizer
+
+    opt = build_optimizer(tp_model, settings, world)
+    for step, mbs in enumerate(steps):
+        train_step(tp_model, opt, mbs, step, settings, world)
+    before = {k: v.clone() for k, v in full.state_dict().items()}
+    reference_steps(full, settings, steps)
+    after = full_state_dict(tp_model, 2)
+    ref_after = full.state_dict()
+    results["weights_after_steps"] = max((after[k] - v).abs().max().item() for k, v in ref_after.items())
+    results["weights_moved"] = min((v - before[k]).abs().max().item() for k, v in ref_after.items()
+                                   if k.endswith("in_proj.weight"))
+
+    ckpt = os.path.join(os.path.dirname(out_path), "ckpt")
+    content = {"step": 2, "data": {}, "model_config": config.to_dict(), "tp": 2}
+    checkpoint.save(ckpt, 2, tp_model, opt, content, keep_last=1)
+    if world.rank == 0:
+        native = os.path.join(os.path.dirname(out_path), "native")
+        checkpoint.convert_to_native(ckpt, native)
+        converted = MambaLMHeadModel.from_pretrained(native)
+        with torch.no_grad():
+            a = converted(mb["input_ids"], seq_idx=mb["seq_idx"])
+            b = full(mb["input_ids"], seq_idx=mb["seq_idx"])
+        results["converted_logits"] = (a - b).abs().max().item()
+        results["tp_files"] = sorted(os.listdir(os.path.join(ckpt, "step_2", "model")))
+        Path(out_path).write_text(json.dumps(results))
+    torch.distributed.barrier()
+
+
+def _skip_without_nxd():
+    from neuron.runtime import missing_packages
+
+    missing = missing_packages()
+    if missing:
+        pytest.skip(f"needs {' and '.join(missing)}: pip install -r neuron/requirements-cpu-test.txt")
+
+
+_skip_without_nxd()
+
+
+@pytest.mark.timeout(300)
+def test_tp2_under_nxd_equals_the_plain_model(tmp_path):
+    out = tmp_path / "result.json"
+    env = dict(os.environ, NXD_CPU_MODE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env.pop("PJRT_DEVICE", None)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                "--master_port", str(_free_port())]
+    proc = subprocess.run(torchrun + [__file__, str(out)], env=env, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=280)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    r = json.loads(out.read_text())
+    assert r["logits"] < 2e-6, r
+    assert r["loss"] < 2e-6, r
+    assert r["grads_checked"] > 30 and r["grads"] < 2e-6 * max(1.0, r["grad_scale"]), r
+    assert r["weights_moved"] > 1e-3, r  # the steps really changed the weights
+    assert r["weights_after_steps"] < 2e-5, r
+    assert r["converted_logits"] < 2e-5, r
+    assert r["tp_files"] == ["dp_rank_00_tp_rank_00_pp_rank_00.pt", "dp_rank_00_tp_rank_01_pp_rank_00.pt"]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+if __name__ == "__main__":
+    worker(sys.argv[1])
