@@ -245,3 +245,16 @@ def test_state_update_continues_selective_scan():
                                      dt_bias=bias, dt_softplus=True)
         close(y_t, y_full[..., t])
     assert math.isfinite(state.abs().max().item())
+
+
+def test_norms_keep_float64_in_float64() -> None:
+    """float64 in, float64 arithmetic: agreement far below float32's resolution."""
+    from kernels.norm import rms_norm, rms_norm_gated
+
+    x, z, w = (torch.randn(3, 8, dtype=torch.float64) for _ in range(3))
+    gated = x * torch.nn.functional.silu(z)
+    groups = gated.view(3, 2, 4)
+    expect = (groups / groups.pow(2).mean(-1, keepdim=True).add(1e-5).sqrt()).view(3, 8) * w
+    assert (rms_norm_gated(x, w, z, 1e-5, group_size=4) - expect).abs().max() < 1e-13
+    plain = x / x.pow(2).mean(-1, keepdim=True).add(1e-5).sqrt() * w
+    assert (rms_norm(x, w) - plain).abs().max() < 1e-13
