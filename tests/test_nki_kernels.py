@@ -99,6 +99,23 @@ def test_executor_catches_read_before_write(nki):
     assert np.isnan(nl.ndarray((4, 4), dtype=nl.float32).data).all()  # fresh buffers hold NaN
 
 
+def test_executor_counts_live_sbuf(nki):
+    nk, _ = nki
+    import neuronxcc.nki.language as nl
+
+    @nk.jit
+    def two_tiles(a, keep_first):
+        first = nl.zeros((128, 25_000), dtype=nl.float32)  # 100,000 bytes per partition
+        if not keep_first:
+            del first
+        nl.zeros((128, 25_000), dtype=nl.float32)
+        return a
+
+    two_tiles(np.zeros((1, 1), np.float32), False)
+    with pytest.raises(executor.HardwareLimitError, match="SBUF overflow"):
+        two_tiles(np.zeros((1, 1), np.float32), True)
+
+
 def test_executor_affine_range_exposes_carried_dependencies(nki):
     nk, _ = nki
     import neuronxcc.nki.language as nl
@@ -381,7 +398,8 @@ def test_mamba2_mixer_on_the_nki_kernels_matches_the_torch_path(nki, monkeypatch
 
 
 @pytest.mark.parametrize("dim,group_size,gated,before", [
-    (640, 320, True, False),  # Mamba-2's choice, two groups, w broadcast in two 512-column pieces
+    (640, 320, True, False),  # Mamba-2's choice, two groups
+    (5120, None, True, False),  # Mamba-2 2.7B's one group of 5,120: ten pieces, fits the SBUF
     (192, None, True, True),
     (192, 64, False, False),
 ])

@@ -3,7 +3,8 @@
 It is a semantics checker, not a performance model and not a compiler: it runs the unmodified
 kernel source one SPMD program after another and checks what a NeuronCore would refuse
   * tiles of more than 128 partitions, SBUF tiles over 192 KiB per partition, PSUM tiles over
-    one 2 KiB bank;
+    one 2 KiB bank, live tiles over the SBUF (192 KiB) or PSUM (16 KiB) of a partition (a tile
+    counts while Python references it: an upper bound on the compiler's liveness);
   * nc_matmul limits (contraction <= 128 on partitions, stationary free <= 128, moving free
     <= 512, SBUF operands of one dtype, fp32 result in PSUM), transposes over 128x128;
   * compute on HBM tensors (everything is nl.load-ed first) and nl.store from PSUM;
@@ -89,6 +90,7 @@ class Kernel:
         try:
             for ids in np.ndindex(*self.grid) if self.grid else [()]:
                 launch.ids, launch.n_shared = tuple(int(i) for i in ids), 0
+                core._Budget.new_launch()  # each program instance has the whole SBUF / PSUM
                 result = self.fn(*args, **kwargs)
         finally:
             launch.grid, launch.ids, launch.shared = (), (), []

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 
 PMAX = 128  # partitions of SBUF / PSUM
 SBUF_PARTITION_BYTES = 192 * 1024  # trn1: 24 MiB of SBUF over 128 partitions
 PSUM_FMAX = 512  # fp32 elements per partition in one PSUM bank (one matmul result)
+PSUM_PARTITION_BYTES = 8 * PSUM_FMAX * 4  # 8 banks of 2 KiB
 STATIONARY_FMAX = 128
 MOVING_FMAX = 512
 
@@ -78,6 +81,35 @@ class Counters:
 counters = Counters()
 
 
+class _Budget:
+    """Bytes per partition held by live on-chip tiles of the current launch. A tile lives while
+    Python references it, which is never shorter than the compiler's liveness: if the executor
+    says it fits, the allocation fits (up to the compiler's own alignment and spills)."""
+
+    generation = 0
+    live = {"sbuf": 0, "psum": 0}
+    limit = {"sbuf": SBUF_PARTITION_BYTES, "psum": PSUM_PARTITION_BYTES}
+
+    @classmethod
+    def new_launch(cls):
+        cls.generation += 1
+        cls.live = {"sbuf": 0, "psum": 0}
+
+    @classmethod
+    def claim(cls, tensor, buffer: str, nbytes: int):
+        if cls.live[buffer] + nbytes > cls.limit[buffer]:
+            raise HardwareLimitError(f"{buffer.upper()} overflow: live tiles would hold "
+                                     f"{cls.live[buffer] + nbytes} bytes per partition; "
+                                     f"the partition has {cls.limit[buffer]}")
+        cls.live[buffer] += nbytes
+        weakref.finalize(tensor, cls.release, cls.generation, buffer, nbytes)
+
+    @classmethod
+    def release(cls, generation: int, buffer: str, nbytes: int):
+        if generation == cls.generation:
+            cls.live[buffer] -= nbytes
+
+
 def _check_tile_shape(shape, buffer: str, dtype: DType):
     if len(shape) == 0:
         return
@@ -116,6 +148,7 @@ class Tensor:
     def __init__(self, data: np.ndarray, dtype: DType, buffer: str, written: np.ndarray | None = None):
         if buffer != "hbm":
             _check_tile_shape(data.shape, buffer, dtype)
+            _Budget.claim(self, buffer, int(np.prod(data.shape[1:], dtype=np.int64)) * dtype.itemsize)
         self.data, self.dtype, self.buffer = data, dtype, buffer
         self.written = written if buffer != "hbm" else None
         if self.written is None and buffer != "hbm":
