@@ -19,6 +19,7 @@ from kernels.nki import ssd as ssd_kernels
 from kernels.ssd import process_dt
 
 MAX_CONV_WIDTH = 4
+MAX_GROUP_STATE_COLUMNS = 16384  # heads per group x headdim: the SSD kernels keep [n, this] fp32 on chip
 
 
 def _doc_ids(seq_idx, batch, length, device):
@@ -96,7 +97,7 @@ class _SSD(torch.autograd.Function):
         grid = (x.shape[0], B.shape[2])
         dx, ddt, ddA, dB, dC, dD = ssd_kernels.ssd_bwd[grid](x, dt, dA, B, C, D, seqp, states,
                                                               dy.contiguous())
-        return dx, ddt, ddA, dB.to(B.dtype), dC.to(C.dtype), dD.sum(0), None
+        return dx, ddt, ddA, dB.to(B.dtype), dC.to(C.dtype), dD.sum(0).squeeze(-1), None
 
 
 def mamba_chunk_scan_nki(x, dt, A, B, C, D=None, z=None, dt_bias=None, seq_idx=None, dt_softplus=False,
@@ -111,6 +112,10 @@ def mamba_chunk_scan_nki(x, dt, A, B, C, D=None, z=None, dt_bias=None, seq_idx=N
         raise ValueError(f"headdim {headdim} / d_state {dstate} over 128 are not supported by the NKI kernel")
     if nheads % ngroups:
         raise ValueError(f"ngroups={ngroups} must divide the number of heads {nheads}")
+    if nheads // ngroups * headdim > MAX_GROUP_STATE_COLUMNS:
+        raise ValueError(f"{nheads // ngroups} heads per group x headdim {headdim} is over "
+                         f"{MAX_GROUP_STATE_COLUMNS}: the group's states do not fit on chip; "
+                         "use more groups or MAMBA_KERNELS=torch")
     dt = process_dt(dt.to(torch.float32), None if dt_bias is None else dt_bias.to(torch.float32),
                     dt_softplus, dt_limit)
     dA = dt * A.to(torch.float32)

@@ -22,7 +22,9 @@ the reverse recurrence (dP = a dP' + C^T dZ) carried on chip;
 everything inside a chunk (L, C.B^T, masks) is recomputed from x, dt, B, C, which is cheap next
 to the matmuls that use it. All matmul operands are fp32 (inputs may be bf16; they are widened
 on load), accumulation in fp32 PSUM. dB/dC sum over the heads of the group on chip; dD comes
-out per batch row ([b, h, p]) for the caller to sum.
+out per batch row ([b, h, p, 1]) for the caller to sum. On chip the group carries its heads'
+states, [n, heads_per_group * p] fp32 (and their gradients in the backward): up to 16,384
+heads_per_group * p.
 """
 
 from __future__ import annotations
@@ -138,7 +140,7 @@ def _tr(t):
 @nki.jit
 def ssd_bwd(x, dt, dA, B, C, D, seqp, states, dy):
     """Gradients of ssd_fwd given dy [b, l, h, p]. Grid (b, g). Returns dx [b, l, h, p] (x's dtype),
-    ddt, ddA [b, l, h], dB, dC [b, l, g, n] and dD [b, h, p] per batch row (all fp32)."""
+    ddt, ddA [b, l, h], dB, dC [b, l, g, n] and dD [b, h, p, 1] per batch row (all fp32)."""
     batch, length, nheads, p = x.shape
     ngroups, n = B.shape[2], B.shape[3]
     rep, nchunks = nheads // ngroups, length // Q
@@ -147,13 +149,13 @@ def ssd_bwd(x, dt, dA, B, C, D, seqp, states, dy):
     ddA = nl.ndarray(dA.shape, dtype=nl.float32, buffer=nl.shared_hbm)
     dB = nl.ndarray(B.shape, dtype=nl.float32, buffer=nl.shared_hbm)
     dC = nl.ndarray(C.shape, dtype=nl.float32, buffer=nl.shared_hbm)
-    dD = nl.ndarray((batch, nheads, p), dtype=nl.float32, buffer=nl.shared_hbm)
+    dD = nl.ndarray((batch, nheads, p, 1), dtype=nl.float32, buffer=nl.shared_hbm)
     bi, gi = nl.program_id(0), nl.program_id(1)
     ones, upper, lower = _constants()
     ones_row = nl.ones((1, Q), dtype=nl.float32)
     ones_col = nl.ones((Q, 1), dtype=nl.float32)
     dstate = nl.zeros((n, rep * p), dtype=nl.float32)  # dLoss/d(state leaving the chunk), per head
-    dD_acc = nl.zeros((1, rep * p), dtype=nl.float32)
+    dD_acc = nl.zeros((p, rep), dtype=nl.float32)  # column r: sum over tokens of dy * x for head r
     for c in nl.sequential_range(nchunks):
         cr = nchunks - 1 - c
         t0 = cr * Q
@@ -169,8 +171,7 @@ def ssd_bwd(x, dt, dA, B, C, D, seqp, states, dy):
             dyc = nl.load(dy[bi, t0:t0 + Q, hd, 0:p], dtype=nl.float32)
             P = nl.load(states[bi, hd, cr, 0:n, 0:p])
             dP_out = dstate[:, r * p:(r + 1) * p]
-            dD_acc[:, r * p:(r + 1) * p] = nl.add(dD_acc[:, r * p:(r + 1) * p],
-                                                  nisa.nc_matmul(ones_col, nl.multiply(dyc, xc)))
+            dD_acc[:, r:r + 1] = nl.add(dD_acc[:, r:r + 1], nisa.nc_matmul(nl.multiply(dyc, xc), ones_col))
             # y = M^T xdt: dxdt = M dy, dM = xdt dy^T
             dxdt = nl.copy(nisa.nc_matmul(_tr(M), dyc))
             dM = nisa.nc_matmul(_tr(xdt), _tr(dyc))  # [s, t]
@@ -206,5 +207,5 @@ def ssd_bwd(x, dt, dA, B, C, D, seqp, states, dy):
         nl.store(dB[bi, t0:t0 + Q, gi, 0:n], value=dB_acc)
         nl.store(dC[bi, t0:t0 + Q, gi, 0:n], value=dC_acc)
     for r in nl.affine_range(rep):
-        nl.store(dD[bi, gi * rep + r:gi * rep + r + 1, 0:p], value=dD_acc[:, r * p:(r + 1) * p])
+        nl.store(dD[bi, gi * rep + r, 0:p, 0:1], value=dD_acc[:, r:r + 1])
     return dx, ddt, ddA, dB, dC, dD
