@@ -1,8 +1,10 @@
 """torch.autograd.Functions over the NKI kernels: what kernels/dispatch.py calls for XLA tensors.
 
-The kernels take fp32 or bf16 HBM tensors in the layouts below; the few layout changes and the
-cheap [b, l, h] element-wise pieces (dt processing, dt * A, z gating) stay in torch, so autograd
-handles them. Importing this module imports `neuronxcc.nki`.
+Entry points with the dispatch's contracts: `mamba_chunk_scan_combined_nki`, `causal_conv1d_fn_nki`
+(no initial / final states: those calls stay on the torch path) and `rms_norm_gated_nki`. The
+kernels take fp32 or bf16 HBM tensors; the layout changes and the cheap [b, l, h] element-wise
+pieces (dt processing, dt * A, the z gate of the scan) stay in torch, so autograd handles them.
+Importing this module imports `neuronxcc.nki` (the real one, or the executor in tests).
 """
 
 from __future__ import annotations
