@@ -6,23 +6,27 @@
   * causal_conv1d_triton: depthwise causal conv1d, forward and backward, with seq_idx, initial
     and final states, channel-first or channel-last x. Same contract as
     kernels.conv1d.causal_conv1d_torch.
-  bf16 / fp16 / fp32 inputs, float32 arithmetic inside; results in the input's dtype.
+  * mamba_chunk_scan_combined_triton: the Mamba-2 SSD, forward and backward, chunked (C·Bᵀ once
+    per group, dB / dC summed over a group's heads in registers), with seq_idx / cu_seqlens
+    document resets and initial / final states. Same contract as
+    kernels.ssd.mamba_chunk_scan_combined_torch, except return_varlen_states (torch path only).
+  bf16 / fp16 / fp32 inputs, float32 arithmetic inside (the SSD's matrix products in TF32 for
+  bf16 / fp16 inputs); results in the input's dtype.
 
 Importing this package imports neither triton nor a GPU driver: the kernel modules load on
 first call, so `import kernels.triton` works on a CPU-only machine and without triton. The
 kernels run on CUDA tensors, or on CPU tensors in Triton's interpreter: Triton 3.3 reads
 TRITON_INTERPRET=1 when the kernel modules are imported, so set it before the first call.
 
-Mamba-2 SSD: not here yet. Our Mamba-2 paths stay mamba_ssm's Triton SSD (when installed)
-or the chunked torch SSD (kernels/ssd.py), which already runs on a GPU as batched matmuls.
-The candidate for a compiled-nothing GPU path is fla-core (PyPI, MIT licence, pure Triton):
-Mamba-2 is its "simple GLA" with q = C, k = B, v = dt * x, per-head log decay g = dt * A,
-scale 1, state stored [n, p] rather than [p, n]; D * x and the z gate stay outside; ngroups < nheads
-needs B / C repeated per head; packed rows map to its cu_seqlens over the flattened batch (one
-sequence per document, the row's initial state given to its first document only, the final
-state taken from its last). Not adopted in this change because its torch 2.7 / Triton 3.3
-compatibility and its numbers against mamba_ssm can only be checked on a GPU, which this change
-did not have; bench/gpu_check.py is the place to add that comparison.
+Why our own SSD rather than fla-core (PyPI, MIT, pure Triton): Mamba-2 is its "simple GLA"
+(q = C, k = B, v = dt * x, per-head log decay g = dt * A, scale 1, state stored [n, p]), but using
+it means repeating B / C per head when ngroups < nheads, rebuilding packed rows as cu_seqlens
+over the flattened batch with one initial state per document (only the row's first document
+gets the row's state), taking final states from each row's last document, and pinning a
+package that tracks Triton releases closely, whose compatibility with torch 2.7 / Triton 3.3
+could not be checked without a GPU. The kernels here follow the ssd_ref recurrence exactly, share
+C·Bᵀ across a group's heads instead of repeating B / C, and are covered by the same float64
+tests and compile check as the rest of this folder.
 """
 
 from __future__ import annotations
@@ -40,6 +44,19 @@ def available() -> bool:
         return importlib.util.find_spec("triton") is not None
     except (ImportError, ValueError):
         return False
+
+
+def mamba_chunk_scan_combined_triton(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None,
+                                     initial_states=None, seq_idx=None, cu_seqlens=None, dt_softplus=False,
+                                     dt_limit=(0.0, float("inf")), return_final_states=False,
+                                     return_varlen_states=False):
+    """Mamba-2 SSD. x [b,l,h,p], dt [b,l,h], A [h], B/C [b,l,g,n], D [h] or [h,p], seq_idx [b,l]."""
+    _require()
+    from kernels.triton.ssd import mamba_chunk_scan_combined_triton as run
+
+    return run(x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias, initial_states=initial_states,
+               seq_idx=seq_idx, cu_seqlens=cu_seqlens, dt_softplus=dt_softplus, dt_limit=dt_limit,
+               return_final_states=return_final_states, return_varlen_states=return_varlen_states)
 
 
 def usable(*tensors) -> bool:
@@ -76,4 +93,5 @@ def causal_conv1d_triton(x, weight, bias=None, seq_idx=None, initial_states=None
                return_final_states=return_final_states, activation=activation)
 
 
-__all__ = ["available", "causal_conv1d_triton", "selective_scan_triton", "usable"]
+__all__ = ["available", "causal_conv1d_triton", "mamba_chunk_scan_combined_triton", "selective_scan_triton",
+           "usable"]

@@ -19,10 +19,8 @@ import tempfile
 import time
 
 
-def _signature(fn, consts: dict, dtype: str) -> dict:
-    """Pointer arguments named *_ptr: activations in `dtype`, seq_idx int32, the rest float32."""
-    low = {"u_ptr", "delta_ptr", "z_ptr", "out_ptr", "dout_ptr", "du_ptr", "dz_ptr", "B_ptr", "C_ptr",
-           "x_ptr", "y_ptr", "dy_ptr", "init_ptr", "dx_ptr", "dinit_ptr"}
+def _signature(fn, consts: dict, dtype: str, low: set[str]) -> dict:
+    """Pointer arguments named *_ptr: those in `low` in `dtype`, seq_idx int32, the rest float32."""
     sig = {}
     for name in fn.arg_names:
         if name in consts:
@@ -37,18 +35,31 @@ def _signature(fn, consts: dict, dtype: str) -> dict:
 
 
 def _cases(quick: bool):
-    from kernels.triton import conv1d, selective_scan
+    from kernels.triton import conv1d, selective_scan, ssd
 
+    scan_low = {"u_ptr", "delta_ptr", "z_ptr", "out_ptr", "dout_ptr", "du_ptr", "dz_ptr", "B_ptr", "C_ptr"}
+    conv_low = {"x_ptr", "y_ptr", "dy_ptr", "init_ptr", "dx_ptr", "dinit_ptr"}
+    ssd_low = {"x_ptr", "B_ptr", "C_ptr", "dx_ptr"}
     on_off = [True] if quick else [True, False]
     for dtype, flag in itertools.product(["bf16"] if quick else ["bf16", "fp32", "fp16"], on_off):
         scan = dict(HAS_D=flag, HAS_Z=flag, HAS_BIAS=flag, SOFTPLUS=flag, HAS_SEQ=flag, K=64, BLOCK_N=16)
         for block in [16] if quick else [8, 16, 32]:
-            yield selective_scan._scan_fwd.fn, dict(scan, SAVE_CKPT=True, BLOCK_D=block), dtype
-            yield selective_scan._scan_bwd.fn, dict(scan, HAS_DLAST=True, BLOCK_D=block), dtype
+            yield selective_scan._scan_fwd.fn, dict(scan, SAVE_CKPT=True, BLOCK_D=block), dtype, scan_low, 4
+            yield selective_scan._scan_bwd.fn, dict(scan, HAS_DLAST=True, BLOCK_D=block), dtype, scan_low, 4
         conv = dict(W=4, HAS_SEQ=flag, HAS_INIT=flag, BLOCK_D=16, BLOCK_L=64)
         for backward in (False, True):
-            yield conv1d._conv_fwd, dict(conv, HAS_BIAS=flag, SILU=flag, BACKWARD=backward), dtype
-        yield conv1d._conv_bwd_x, conv, dtype
+            consts = dict(conv, HAS_BIAS=flag, SILU=flag, BACKWARD=backward)
+            yield conv1d._conv_fwd, consts, dtype, conv_low, 8
+        yield conv1d._conv_bwd_x, conv, dtype, conv_low, 8
+        # Mamba-2 shapes: headdim 64, dstate 128
+        tile = dict(HAS_SEQ=flag, Q=ssd.CHUNK, BP=64, BN=128)
+        prec = "ieee" if dtype == "fp32" else "tf32"
+        yield ssd._ssd_chunk_state, dict(tile, PREC=prec), dtype, ssd_low, 8
+        yield ssd._ssd_pass_fwd, dict(HAS_INIT=flag, BLOCK=1024), dtype, ssd_low, 4
+        yield ssd._ssd_pass_bwd, dict(BLOCK=1024), dtype, ssd_low, 4
+        for backward in (False, True):
+            yield ssd._ssd_chunk_out, dict(tile, BACKWARD=backward, PREC=prec), dtype, ssd_low, 8
+        yield ssd._ssd_chunk_bwd, dict(tile, PREC=prec), dtype, ssd_low, 8
 
 
 def _ptxas_usage(ptx: str, arch: int) -> str:
@@ -79,12 +90,13 @@ def main(argv: list[str] | None = None) -> int:
 
     for arch in args.arch:
         target = GPUTarget("cuda", arch, 32)
-        for fn, consts, dtype in _cases(args.quick):
+        for fn, consts, dtype, low, warps in _cases(args.quick):
             start = time.perf_counter()
-            kernel = triton.compile(ASTSource(fn, _signature(fn, consts, dtype), consts), target=target,
-                                    options=dict(num_warps=4, num_stages=2))
+            kernel = triton.compile(ASTSource(fn, _signature(fn, consts, dtype, low), consts), target=target,
+                                    options=dict(num_warps=warps, num_stages=2))
             flags = ",".join(k for k, v in consts.items() if v is True)
             sizes = ",".join(f"{k}={v}" for k, v in consts.items() if v is not True and v is not False)
+            sizes += f",warps={warps}"
             print(f"sm_{arch} {fn.__name__} {dtype} [{flags}] {sizes}: {time.perf_counter() - start:.1f} s; "
                   f"{_ptxas_usage(kernel.asm['ptx'], arch)}", flush=True)
     return 0

@@ -57,7 +57,8 @@ def _load_tile(ptr, b, offs, tmask, col, ncols, sb, sl, sc, mid_offset, BC: tl.c
 def _ssd_chunk_state(x_ptr, dt_ptr, A_ptr, B_ptr, seq_ptr, states_ptr, decay_ptr,
                      length, nheads, hpg, headdim, dstate, nchunks,
                      sxb, sxl, sxh, sxp, sBb, sBl, sBg, sBn,
-                     HAS_SEQ: tl.constexpr, Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr):
+                     HAS_SEQ: tl.constexpr, PREC: tl.constexpr, Q: tl.constexpr, BP: tl.constexpr,
+                     BN: tl.constexpr):
     b, c, g = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
     p, n = tl.arange(0, BP), tl.arange(0, BN)
     offs0 = c * Q + tl.arange(0, Q)
@@ -69,7 +70,7 @@ def _ssd_chunk_state(x_ptr, dt_ptr, A_ptr, B_ptr, seq_ptr, states_ptr, decay_ptr
         resets = tl.max(nres, axis=0)
         w = tl.where(tmask & (nres == resets), tl.exp(total - cum) * dt, 0.0)
         xt = _load_tile(x_ptr, b, offs, tmask, p, headdim, sxb, sxl, sxp, h * sxh, BP)
-        T = tl.dot(tl.trans(xt * w[:, None]), Bt, input_precision="ieee")  # [BP, BN]
+        T = tl.dot(tl.trans(xt * w[:, None]), Bt, input_precision=PREC)  # [BP, BN]
         base = ((b * nchunks + c) * nheads + h) * headdim * dstate
         tl.store(states_ptr + base + p[:, None] * dstate + n[None, :], T,
                  mask=(p < headdim)[:, None] & (n < dstate)[None, :])
@@ -246,7 +247,8 @@ class _SSDTriton(torch.autograd.Function):
         grid, hpg = (batch, nchunks, ngroups), nheads // ngroups
         common = (length, nheads, hpg, headdim, dstate, nchunks, *x.stride())
         _ssd_chunk_state[grid](x, dt, A, B, opt(seq), states, decay, *common, *B.stride(),
-                               HAS_SEQ=seq is not None, Q=chunk, BP=BP, BN=BN)
+                               HAS_SEQ=seq is not None, PREC=prec, Q=chunk, BP=BP, BN=BN,
+                               num_warps=4 if interpreting() else 8)
         size = headdim * dstate
         block = min(1024, next_pow2(size))
         _ssd_pass_fwd[(batch, nheads, triton.cdiv(size, block))](
