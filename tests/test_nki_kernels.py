@@ -181,10 +181,14 @@ def _conv_case(batch, dim, length, width, bias, seq_idx, silu, dtype=torch.float
     (4, True, True, [[100, 128, 131], [256, 300]], 384),  # boundaries inside and on 128-token edges
     (3, False, False, [[128], [5, 200, 383]], 256),
     (2, True, True, None, 512),  # 256-token time tiles
+    (4, True, True, [[60], [128]], 256),  # with padding (seq_idx -1) at the rows' ends
 ])
 def test_causal_conv1d_matches_reference(nki, width, bias, silu, starts, length):
     _, autograd = nki
     seq = _docs(2, length, starts) if starts else None
+    if starts == [[60], [128]]:
+        seq[0, 200:] = -1
+        seq[1, 126:128] = -1  # two padding tokens just before a tile edge, then a new document
     y_ref, grads_ref, ours, dy, act = _conv_case(2, 160, length, width, bias, seq, silu)
     y = autograd.causal_conv1d_nki(ours[0], ours[1], ours[2] if bias else None, seq_idx=seq, activation=act)
     _close(y, y_ref, 1e-5, "y")

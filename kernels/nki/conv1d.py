@@ -2,7 +2,8 @@
 
 Layout: channels on partitions (tiles of up to 128), time along the free axis (tiles of
 `tile_len` tokens). y[c, t] = act(bias[c] + sum_k w[c, k] x[c, t - s_k] same_s(t)), s_k = w-1-k,
-where same_s(t) = [seq(t) == seq(t - s)] keeps the window inside one document.
+where same_s(t) = [seq(t) == seq(t - s)] keeps the window inside one document; positions with
+seq(t) < 0 are padding and output 0 (causal_conv1d's convention).
 
 Each time tile reads a halo: the forward needs w-1 inputs to the left of the tile; the backward
 needs w-1 outputs to the *right*, because dx[t] = sum_k w_k g[t + s_k] same(t + s_k) with
@@ -33,10 +34,11 @@ def _window(src, bi, c0, rows, t0, T, left, right, at_start, at_end):
 
 
 def _same_doc_rows(seq, bi, t0, T, right, at_start, at_end, width, rows, docs):
-    """For each shift s = 1..w-1, a [rows, T+right] PSUM tile of [seq(u) == seq(u - s)] over the
-    positions u = t0 .. t0+T+right-1; None for every shift without documents (docs=False)."""
+    """Over the positions u = t0 .. t0+T+right-1, [rows, T+right] PSUM tiles: for each shift
+    s = 1..w-1, [seq(u) == seq(u - s)]; and [seq(u) >= 0] (negative ids mark padding, whose
+    output is 0). All None without documents (docs=False)."""
     if not docs:
-        return [None] * (width - 1)
+        return [None] * (width - 1), None
     n = T + right
     seq_win = _window(seq, bi, 0, 1, t0, T, width - 1, right, at_start, at_end)
     ones_row = nl.ones((1, rows), dtype=nl.float32)
@@ -45,7 +47,8 @@ def _same_doc_rows(seq, bi, t0, T, right, at_start, at_end, width, rows, docs):
         row = nl.equal(seq_win[:, width - 1:width - 1 + n], seq_win[:, width - 1 - s:width - 1 - s + n],
                        dtype=nl.float32)
         masks.append(nisa.nc_matmul(ones_row, row))
-    return masks
+    valid = nl.greater_equal(seq_win[:, width - 1:width - 1 + n], 0.0, dtype=nl.float32)
+    return masks, nisa.nc_matmul(ones_row, valid)
 
 
 def _masked(t, mask):
@@ -66,8 +69,8 @@ def _pre_activation(xw, wt, bt, masks, width, n):
 
 def _fwd_tile(x, seq, y, wt, bt, bi, c0, rows, t0, T, width, at_start, silu, docs):
     xw = _window(x, bi, c0, rows, t0, T, width - 1, 0, at_start, True)
-    masks = _same_doc_rows(seq, bi, t0, T, 0, at_start, True, width, rows, docs)
-    pre = _pre_activation(xw, wt, bt, masks, width, T)
+    masks, valid = _same_doc_rows(seq, bi, t0, T, 0, at_start, True, width, rows, docs)
+    pre = _masked(_pre_activation(xw, wt, bt, masks, width, T), valid)
     out = nisa.activation(nl.silu if silu else nl.copy, pre, dtype=y.dtype)
     nl.store(y[bi, c0:c0 + rows, t0:t0 + T], value=out)
 
@@ -102,14 +105,15 @@ def _bwd_tile(x, seq, dy, dx, wt, bt, dw_acc, db_acc, bi, c0, rows, t0, T, width
     n = T + width - 1  # the tile and its right halo
     xw = _window(x, bi, c0, rows, t0, T, width - 1, width - 1, at_start, at_end)
     dyw = _window(dy, bi, c0, rows, t0, T, 0, width - 1, at_start, at_end)
-    masks = _same_doc_rows(seq, bi, t0, T, width - 1, at_start, at_end, width, rows, docs)
+    masks, valid = _same_doc_rows(seq, bi, t0, T, width - 1, at_start, at_end, width, rows, docs)
     if silu:
-        pre = _pre_activation(xw, wt, bt, masks, width, n)
+        pre = _masked(_pre_activation(xw, wt, bt, masks, width, n), valid)
         sig = nisa.activation(nl.sigmoid, pre)
         slope = nl.add(sig, nl.multiply(nl.multiply(pre, sig), nl.subtract(1.0, sig)))
         g = nl.multiply(dyw, slope)  # dL/dpre on the tile and its right halo (zero past the row end)
     else:
         g = dyw
+    g = _masked(g, valid)  # padding outputs are constant 0
     dxt = nisa.tensor_scalar(g[:, 0:T], nl.multiply, wt[:, width - 1:width])
     dw_acc[:, width - 1:width] = nl.add(dw_acc[:, width - 1:width],
                                         nl.sum(nl.multiply(g[:, 0:T], xw[:, width - 1:width - 1 + T]),
