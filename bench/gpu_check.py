@@ -26,9 +26,14 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kernels.conv1d import causal_conv1d_torch  # noqa: E402
-from kernels.reference import causal_conv1d_ref, selective_scan_ref  # noqa: E402
+from kernels.reference import causal_conv1d_ref, selective_scan_ref, ssd_ref  # noqa: E402
 from kernels.selective_scan import selective_scan_torch  # noqa: E402
-from kernels.triton import causal_conv1d_triton, selective_scan_triton  # noqa: E402
+from kernels.ssd import mamba_chunk_scan_combined_torch  # noqa: E402
+from kernels.triton import (  # noqa: E402
+    causal_conv1d_triton,
+    mamba_chunk_scan_combined_triton,
+    selective_scan_triton,
+)
 
 ROWS: list[dict] = []
 FAILED: list[str] = []
@@ -129,7 +134,8 @@ def check_scan(args, device, dtype, gen):
     tol = 2e-3 if dtype == torch.float32 else 3e-2
     err = compare(name, got, ref, tol)
     ms = timed(lambda: fwd_bwd(ours, t, [w_y, w_s]), device, args.repeats)
-    ms_torch = float("nan") if args.no_torch else timed(lambda: fwd_bwd(torch_path, t, [w_y, w_s]), device, 1)
+    ms_torch = float("nan") if args.no_torch else timed(lambda: fwd_bwd(torch_path, t, [w_y, w_s]), device,
+                                                        min(1, args.repeats))  # a Python loop: slow
     row = dict(check=name, max_rel_err=err, tol=tol, triton_ms=ms, torch_ms=ms_torch,
                speedup_vs_torch=ms_torch / ms)
     ext = _mamba_ssm_scan()
@@ -193,6 +199,51 @@ def check_conv(args, device, dtype, gen, dim, channel_last, label):
     record(**row)
 
 
+def check_ssd(args, device, dtype, gen):
+    b, length, h, p, g, n = args.batch, args.seq_len, args.heads, args.headdim, args.ngroups, args.ssd_dstate
+    name = f"ssd {str(dtype)[6:]} b{b} l{length} h{h} p{p} g{g} n{n}"
+
+    def r(*shape, scale=1.0, shift=0.0):
+        return (torch.randn(*shape, generator=gen) * scale + shift).to(device)
+
+    t = dict(x=r(b, length, h, p), dt=r(b, length, h, scale=0.5, shift=-2.0), B=r(b, length, g, n),
+             C=r(b, length, g, n), z=r(b, length, h, p))
+    t = {k: v.to(dtype) for k, v in t.items()}
+    t.update(A=-torch.exp(r(h, scale=0.5)), D=r(h), dt_bias=r(h, scale=0.1),
+             initial_states=r(b, h, p, n, scale=0.1))
+    opts = dict(seq_idx=docs(b, length, device), dt_softplus=True)
+    w_y = torch.randn(b, length, h, p, generator=gen, dtype=torch.float64).to(device)
+    w_s = torch.randn(b, h, p, n, generator=gen, dtype=torch.float64).to(device)
+
+    def ours(**kw):
+        return mamba_chunk_scan_combined_triton(**kw, chunk_size=256, return_final_states=True, **opts)
+
+    def torch_path(**kw):
+        return mamba_chunk_scan_combined_torch(**kw, chunk_size=256, return_final_states=True, **opts)
+
+    got = fwd_bwd(ours, t, [w_y, w_s])
+    ref = fwd_bwd(lambda **kw: ssd_ref(**kw, **opts), {k: v.double() for k, v in t.items()}, [w_y, w_s])
+    tol = 2e-3 if dtype == torch.float32 else 3e-2
+    err = compare(name, got, ref, tol)
+    ms = timed(lambda: fwd_bwd(ours, t, [w_y, w_s]), device, args.repeats)
+    ms_torch = timed(lambda: fwd_bwd(torch_path, t, [w_y, w_s]), device, args.repeats)
+    row = dict(check=name, max_rel_err=err, tol=tol, triton_ms=ms, torch_ms=ms_torch,
+               speedup_vs_torch=ms_torch / ms)
+    if device.type == "cuda":
+        try:
+            from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined as ext
+
+            def theirs(**kw):
+                return ext(**kw, chunk_size=256, return_final_states=True, **opts)
+
+            row["vs_mamba_ssm_rel_err"] = compare(name + " vs mamba_ssm", fwd_bwd(ours, t, [w_y, w_s]),
+                                                  fwd_bwd(theirs, t, [w_y, w_s]), tol)
+            row["mamba_ssm_ms"] = timed(lambda: fwd_bwd(theirs, t, [w_y, w_s]), device, args.repeats)
+        except Exception as e:  # not installed, or built for another torch / GPU
+            row["mamba_ssm"] = repr(e)[:200]
+    record(**row)
+
+
 def _mamba_ssm_scan():
     try:
         from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
@@ -252,18 +303,26 @@ def main() -> int:
     ap.add_argument("--dim", type=int, default=1536, help="Mamba-1 d_inner (mamba-130m: 1536)")
     ap.add_argument("--dstate", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--heads", type=int, default=24, help="Mamba-2 heads (mamba2-130m: 24)")
+    ap.add_argument("--headdim", type=int, default=64)
+    ap.add_argument("--ngroups", type=int, default=1)
+    ap.add_argument("--ssd-dstate", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--kernels", choices=["auto", "torch", "triton", "cuda-ext"], default="auto",
+                    help="MAMBA_KERNELS for the model steps (the dispatch's choice per op)")
     ap.add_argument("--no-torch", action="store_true", help="skip timing the (slow) torch scan loop")
     ap.add_argument("--model-step", action="store_true", help="also time 130m-shaped training steps")
     ap.add_argument("--step-batch", type=int, default=8)
     ap.add_argument("--json", type=Path, default=Path("gpu_check.json"))
     args = ap.parse_args()
-    for name in ("batch", "dim", "dstate", "seq_len", "repeats", "step_batch"):
+    for name in ("batch", "dim", "dstate", "seq_len", "repeats", "step_batch", "heads", "headdim", "ngroups",
+                 "ssd_dstate"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.interpret_smoke:
         device = torch.device("cpu")
         args.batch, args.dim, args.dstate, args.seq_len, args.repeats = 2, 6, 4, 37, 0
+        args.heads, args.headdim, args.ngroups, args.ssd_dstate = 4, 3, 2, 5
         conv_dims = [(6, False, "mamba1"), (10, True, "mamba2")]
     elif not torch.cuda.is_available():
         ap.error("no CUDA device: run on a GPU, or pass --interpret-smoke for a CPU check of this script")
@@ -272,12 +331,17 @@ def main() -> int:
         torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 torch path as a reference, not tf32
         conv_dims = [(args.dim, True, "mamba1-130m"), (args.dim + 2 * 128, True, "mamba2-130m")]
         print(torch.cuda.get_device_name(device), f"torch {torch.__version__}", flush=True)
+    if args.heads % args.ngroups:
+        ap.error(f"--ngroups {args.ngroups} must divide --heads {args.heads}")
+    if args.kernels != "auto":
+        os.environ["MAMBA_KERNELS"] = args.kernels
     gen = torch.Generator().manual_seed(0)
     start = time.perf_counter()
     for dtype in (torch.float32, torch.bfloat16):
         check_scan(args, device, dtype, gen)
         for dim, channel_last, label in conv_dims:
             check_conv(args, device, dtype, gen, dim, channel_last, label)
+        check_ssd(args, device, dtype, gen)
     if args.model_step and device.type == "cuda":
         check_model_step(args, device)
     args.json.write_text(json.dumps({"device": str(device) if device.type == "cpu" else
