@@ -6,9 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from nki_helpers import close, conv_case, docs, ssd_inputs, ssd_reference
 
 from kernels.nki import executor
-from kernels.reference import causal_conv1d_ref, ssd_ref
+from kernels.reference import causal_conv1d_ref
 
 pytestmark = pytest.mark.skipif(
     executor.real_neuronxcc_present() and not executor.installed(),
@@ -24,21 +25,6 @@ def nki():
 
     yield nki_module, autograd
     executor.uninstall()
-
-
-def _docs(batch, length, starts):
-    """seq_idx [b, l] int32 with documents starting at the given positions (per row)."""
-    seq = torch.zeros(batch, length, dtype=torch.int32)
-    for row, row_starts in enumerate(starts):
-        for s in row_starts:
-            seq[row, s:] += 1
-    return seq
-
-
-def _close(a, b, tol, what):
-    err = (a.double() - b.double()).abs().max().item()
-    scale = b.double().abs().max().item()
-    assert err <= tol * max(1.0, scale), f"{what}: max error {err:.3g} (scale {scale:.3g})"
 
 
 # --- the executor -----------------------------------------------------------------------------
@@ -164,19 +150,6 @@ def test_executor_bf16_rounding_and_counters(nki):
 
 
 # --- causal conv1d ----------------------------------------------------------------------------
-def _conv_case(batch, dim, length, width, bias, seq_idx, silu, dtype=torch.float32):
-    x = torch.randn(batch, dim, length, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(dim, width, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(dim, dtype=torch.float64, requires_grad=True) if bias else None
-    act = "silu" if silu else None
-    y_ref, _ = causal_conv1d_ref(x, w, b, seq_idx=seq_idx, activation=act)
-    dy = torch.randn_like(y_ref)
-    leaves = [t for t in (x, w, b) if t is not None]
-    grads_ref = torch.autograd.grad(y_ref, leaves, dy)
-    ours = [t.detach().to(dtype).requires_grad_() for t in leaves]
-    return y_ref, grads_ref, ours, dy, act
-
-
 @pytest.mark.parametrize("width,bias,silu,starts,length", [
     (4, True, True, [[100, 128, 131], [256, 300]], 384),  # boundaries inside and on 128-token edges
     (3, False, False, [[128], [5, 200, 383]], 256),
@@ -185,16 +158,16 @@ def _conv_case(batch, dim, length, width, bias, seq_idx, silu, dtype=torch.float
 ])
 def test_causal_conv1d_matches_reference(nki, width, bias, silu, starts, length):
     _, autograd = nki
-    seq = _docs(2, length, starts) if starts else None
+    seq = docs(2, length, starts) if starts else None
     if starts == [[60], [128]]:
         seq[0, 200:] = -1
         seq[1, 126:128] = -1  # two padding tokens just before a tile edge, then a new document
-    y_ref, grads_ref, ours, dy, act = _conv_case(2, 160, length, width, bias, seq, silu)
+    y_ref, grads_ref, ours, dy, act = conv_case(2, 160, length, width, bias, seq, silu)
     y = autograd.causal_conv1d_nki(ours[0], ours[1], ours[2] if bias else None, seq_idx=seq, activation=act)
-    _close(y, y_ref, 1e-5, "y")
+    close(y, y_ref, 1e-5, "y")
     grads = torch.autograd.grad(y, ours, dy.float())
     for name, g, g_ref in zip(("dx", "dweight", "dbias"), grads, grads_ref, strict=False):
-        _close(g, g_ref, 2e-5, name)
+        close(g, g_ref, 2e-5, name)
 
 
 def test_causal_conv1d_dx_crosses_tile_edges(nki):
@@ -202,11 +175,11 @@ def test_causal_conv1d_dx_crosses_tile_edges(nki):
     128-token tile live in the next tile. Dropping them (the public kernel) is visibly wrong."""
     _, autograd = nki
     length, width = 384, 4
-    y_ref, grads_ref, ours, dy, act = _conv_case(1, 128, length, width, True, None, True)
+    y_ref, grads_ref, ours, dy, act = conv_case(1, 128, length, width, True, None, True)
     y = autograd.causal_conv1d_nki(*ours, activation=act)
     dx = torch.autograd.grad(y, ours[0], dy.float())[0]
     edges = torch.cat([torch.arange(e - width + 1, e) for e in range(128, length, 128)])
-    _close(dx[..., edges], grads_ref[0][..., edges], 2e-5, "dx at tile edges")
+    close(dx[..., edges], grads_ref[0][..., edges], 2e-5, "dx at tile edges")
 
     # what a per-tile backward gives: the gradient of each tile's outputs only, per tile
     x = ours[0].detach().double().requires_grad_()
@@ -227,14 +200,14 @@ def test_causal_conv1d_dx_crosses_tile_edges(nki):
 
 def test_causal_conv1d_bf16(nki):
     _, autograd = nki
-    seq = _docs(2, 256, [[128], [64]])
-    y_ref, grads_ref, ours, dy, act = _conv_case(2, 64, 256, 4, True, seq, True, torch.bfloat16)
+    seq = docs(2, 256, [[128], [64]])
+    y_ref, grads_ref, ours, dy, act = conv_case(2, 64, 256, 4, True, seq, True, torch.bfloat16)
     y = autograd.causal_conv1d_nki(*ours, seq_idx=seq, activation=act)
     assert y.dtype == torch.bfloat16
-    _close(y, y_ref, 3e-2, "y bf16")
+    close(y, y_ref, 3e-2, "y bf16")
     dx = torch.autograd.grad(y, ours[0], dy.to(torch.bfloat16))[0]
     assert dx.dtype == torch.bfloat16
-    _close(dx, grads_ref[0], 5e-2, "dx bf16")
+    close(dx, grads_ref[0], 5e-2, "dx bf16")
 
 
 def test_nki_wrappers_refuse_bad_lengths_and_widths(nki):
@@ -246,23 +219,6 @@ def test_nki_wrappers_refuse_bad_lengths_and_widths(nki):
 
 
 # --- Mamba-2 SSD ------------------------------------------------------------------------------
-def _ssd_inputs(batch, length, nheads, headdim, ngroups, dstate, d_per_channel):
-    f = dict(dtype=torch.float64)
-    x = torch.randn(batch, length, nheads, headdim, **f)
-    # slow decays (|dt*A| ~ 0.02 per token), so the state carried between chunks matters
-    dt = torch.rand(batch, length, nheads, **f) * 0.04 + 0.002
-    A = -torch.rand(nheads, **f) * 1.5 - 0.05
-    B = torch.randn(batch, length, ngroups, dstate, **f)
-    C = torch.randn(batch, length, ngroups, dstate, **f)
-    D = torch.randn(nheads * headdim if d_per_channel else nheads, **f)
-    return [t.requires_grad_() for t in (x, dt, A, B, C, D)]
-
-
-def _ssd_ref(x, dt, A, B, C, D, seq_idx, z=None, dt_bias=None, dt_softplus=False):
-    Dr = D.view(x.shape[2], x.shape[3]) if D.numel() != x.shape[2] else D
-    return ssd_ref(x, dt, A, B, C, D=Dr, z=z, dt_bias=dt_bias, seq_idx=seq_idx, dt_softplus=dt_softplus)[0]
-
-
 @pytest.mark.parametrize("length,ngroups,d_per_channel,starts", [
     (256, 1, False, [[100, 128], [128]]),  # three docs (one start on the chunk edge), two docs
     (256, 2, True, [[1, 255], [127, 129]]),  # starts next to chunk edges
@@ -270,63 +226,63 @@ def _ssd_ref(x, dt, A, B, C, D, seq_idx, z=None, dt_bias=None, dt_softplus=False
 ])
 def test_ssd_matches_reference(nki, length, ngroups, d_per_channel, starts):
     _, autograd = nki
-    leaves = _ssd_inputs(2, length, 4, 16, ngroups, 8, d_per_channel)
-    seq = _docs(2, length, starts) if starts else None
-    y_ref = _ssd_ref(*leaves, seq)
+    leaves = ssd_inputs(2, length, 4, 16, ngroups, 8, d_per_channel)
+    seq = docs(2, length, starts) if starts else None
+    y_ref = ssd_reference(*leaves, seq)
     dy = torch.randn_like(y_ref)
     grads_ref = torch.autograd.grad(y_ref, leaves, dy)
     ours = [t.detach().float().requires_grad_() for t in leaves]
     y = autograd.mamba_chunk_scan_nki(*ours[:5], D=ours[5], seq_idx=seq)
-    _close(y, y_ref, 1e-5, "y")
+    close(y, y_ref, 1e-5, "y")
     with torch.no_grad():  # the forward without the per-chunk states for the backward
         assert torch.equal(autograd.mamba_chunk_scan_nki(*ours[:5], D=ours[5], seq_idx=seq), y)
     grads = torch.autograd.grad(y, ours, dy.float())
     for name, g, g_ref in zip(("dx", "ddt", "dA", "dB", "dC", "dD"), grads, grads_ref, strict=True):
-        _close(g, g_ref, 2e-5, name)
+        close(g, g_ref, 2e-5, name)
 
 
 def test_ssd_full_tiles_gate_and_dt_processing(nki):
     """headdim 128 and d_state 128 (a whole partition axis each), z gate, dt_bias + softplus."""
     _, autograd = nki
-    x, dt, A, B, C, D = _ssd_inputs(1, 128, 2, 128, 1, 128, False)
+    x, dt, A, B, C, D = ssd_inputs(1, 128, 2, 128, 1, 128, False)
     z = torch.randn_like(x).requires_grad_()
     dt_bias = torch.randn(2, dtype=torch.float64, requires_grad=True)
     dt_raw = (dt.detach() - 0.3).requires_grad_()
-    seq = _docs(1, 128, [[64]])
+    seq = docs(1, 128, [[64]])
     leaves = [x, dt_raw, A, B, C, D, z, dt_bias]
-    y_ref = _ssd_ref(x, dt_raw, A, B, C, D, seq, z=z, dt_bias=dt_bias, dt_softplus=True)
+    y_ref = ssd_reference(x, dt_raw, A, B, C, D, seq, z=z, dt_bias=dt_bias, dt_softplus=True)
     dy = torch.randn_like(y_ref)
     grads_ref = torch.autograd.grad(y_ref, leaves, dy)
     ours = [t.detach().float().requires_grad_() for t in leaves]
     y = autograd.mamba_chunk_scan_nki(*ours[:5], D=ours[5], z=ours[6], dt_bias=ours[7], seq_idx=seq,
                                       dt_softplus=True)
-    _close(y, y_ref, 1e-5, "y")
+    close(y, y_ref, 1e-5, "y")
     grads = torch.autograd.grad(y, ours, dy.float())
     for name, g, g_ref in zip(("dx", "ddt", "dA", "dB", "dC", "dD", "dz", "ddt_bias"), grads, grads_ref,
                               strict=True):
-        _close(g, g_ref, 5e-5, name)
+        close(g, g_ref, 5e-5, name)
 
 
 def test_ssd_bf16_inputs(nki):
     _, autograd = nki
-    leaves = _ssd_inputs(2, 256, 2, 32, 1, 16, False)
+    leaves = ssd_inputs(2, 256, 2, 32, 1, 16, False)
     seq = None
-    y_ref = _ssd_ref(*leaves, seq)
+    y_ref = ssd_reference(*leaves, seq)
     dy = torch.randn_like(y_ref)
     dx_ref = torch.autograd.grad(y_ref, leaves[0], dy)[0]
     ours = [t.detach().to(torch.bfloat16 if i in (0, 3, 4) else torch.float32).requires_grad_()
             for i, t in enumerate(leaves)]
     y = autograd.mamba_chunk_scan_nki(*ours[:5], D=ours[5], seq_idx=seq)
     assert y.dtype == torch.bfloat16
-    _close(y, y_ref, 3e-2, "y bf16")
+    close(y, y_ref, 3e-2, "y bf16")
     dx = torch.autograd.grad(y, ours[0], dy.to(torch.bfloat16))[0]
     assert dx.dtype == torch.bfloat16
-    _close(dx, dx_ref, 3e-2, "dx bf16")
+    close(dx, dx_ref, 3e-2, "dx bf16")
 
 
 def test_ssd_refuses_unsupported_shapes(nki):
     _, autograd = nki
-    x, dt, A, B, C, _ = (t.detach().float() for t in _ssd_inputs(1, 128, 2, 16, 1, 8, False))
+    x, dt, A, B, C, _ = (t.detach().float() for t in ssd_inputs(1, 128, 2, 16, 1, 8, False))
     with pytest.raises(ValueError, match="length 100 is not a multiple of 128"):
         autograd.mamba_chunk_scan_nki(x[:, :100], dt[:, :100], A, B[:, :100], C[:, :100])
     with pytest.raises(ValueError, match="headdim 130"):
@@ -381,7 +337,7 @@ def test_mamba2_mixer_on_the_nki_kernels_matches_the_torch_path(nki, monkeypatch
     torch.manual_seed(3)
     mixer = mamba2.Mamba2(d_model=64, d_state=16, headdim=16, ngroups=2, dt_limit=(0.0, 0.5))
     hidden = torch.randn(2, 256, 64)
-    seq = _docs(2, 256, [[90, 128], [200]])
+    seq = docs(2, 256, [[90, 128], [200]])
 
     def run():
         mixer.zero_grad()
@@ -396,9 +352,9 @@ def test_mamba2_mixer_on_the_nki_kernels_matches_the_torch_path(nki, monkeypatch
     executor.counters.reset()
     out, grads = run()
     assert executor.counters.matmul_flops > 0  # the kernels ran
-    _close(out, out_ref, 2e-5, "mixer output")
+    close(out, out_ref, 2e-5, "mixer output")
     for name, g in grads.items():
-        _close(g, grads_ref[name], 1e-4, f"grad of {name}")
+        close(g, grads_ref[name], 1e-4, f"grad of {name}")
 
 
 @pytest.mark.parametrize("dim,group_size,gated,before", [
@@ -421,9 +377,9 @@ def test_gated_rms_norm_matches_torch_float64(nki, dim, group_size, gated, befor
     ours = [t.detach().float().requires_grad_() for t in leaves]
     xo, zo, wo = ours[0], ours[1] if gated else None, ours[-1]
     y = autograd.rms_norm_gated_nki(xo, wo, zo, 1e-5, group_size, before)
-    _close(y, y_ref, 1e-5, "y")
+    close(y, y_ref, 1e-5, "y")
     for name, g, g_ref in zip(("dx", "dz", "dw") if gated else ("dx", "dw"),
                               torch.autograd.grad(y, ours, dy.float()), grads_ref, strict=True):
-        _close(g, g_ref, 2e-5, name)
+        close(g, g_ref, 2e-5, name)
     with pytest.raises(ValueError, match="100 rows"):
         autograd.rms_norm_gated_nki(torch.randn(100, dim), torch.ones(dim))
