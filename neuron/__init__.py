@@ -1,1 +1,3 @@
-"""Trainium entrypoint: MambaLMHeadModel under neuronx-distributed (TP, ZeRO-1, bf16). Never imports Composer."""
+"""Trainium entrypoint: MambaLMHeadModel under neuronx-distributed (TP, ZeRO-1, bf16).
+
+Never imports Composer."""

@@ -72,7 +72,8 @@ def load(checkpoint_dir: str, tag: str, model, optimizer) -> dict:
     with _gloo_rendezvous():
         content = nxd.load_checkpoint(checkpoint_dir, tag=tag, model=model, optimizer=optimizer)
     if not isinstance(content, dict):
-        raise ValueError(f"{os.path.join(checkpoint_dir, tag)}: no user_content.pt (not written by neuron/train.py)")
+        where = os.path.join(checkpoint_dir, tag)
+        raise ValueError(f"{where}: no user_content.pt (not written by neuron/train.py)")
     return content
 
 
@@ -87,7 +88,7 @@ def read_neuron_checkpoint(path: str | os.PathLike) -> tuple[MambaConfig, dict[s
     if not (path / "model").is_dir():
         tag = latest_tag(str(path))
         if tag is None:
-            raise ValueError(f"{path}: not a neuron checkpoint (no model/ folder and no completed step_N inside)")
+            raise ValueError(f"{path}: not a neuron checkpoint (no model/, no completed step_N inside)")
         path = path / tag
     content_file = path / "user_content.pt"
     if not content_file.is_file():
@@ -101,7 +102,8 @@ def read_neuron_checkpoint(path: str | os.PathLike) -> tuple[MambaConfig, dict[s
             files[int(m.group(1))] = f
     tp = int(content.get("tp", len(files)))
     if sorted(files) != list(range(tp)):
-        raise ValueError(f"{path / 'model'}: expected tensor-parallel shards 0..{tp - 1}, found {sorted(files)}")
+        raise ValueError(f"{path / 'model'}: expected tensor-parallel shards 0..{tp - 1}, "
+                         f"found {sorted(files)}")
     shards = [_torch_load(files[r]) for r in range(tp)]
     shards = [{k: v for k, v in s.items() if isinstance(v, torch.Tensor)} for s in shards]
     full = merge_state_dicts(shards, config)

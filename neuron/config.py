@@ -58,14 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="neuron/train.py", description="Train MambaLMHeadModel under neuronx-distributed.",
                 allow_abbrev=False)
     p.add_argument("config", nargs="?", default=str(DEFAULT_CONFIG),
-                   help="the recipe's YAML (model, data, optimizer, scheduler, seed); default yamls/tiny.yaml")
+                   help="the recipe's YAML (model, data, optimizer, scheduler); default yamls/tiny.yaml")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the YAML (as mamba/train.py)")
     p.add_argument("--data", help="a data.prepare output folder (default: the YAML's data.local)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree")
-    p.add_argument("--zero1", action="store_true", help="ZeRO-1: optimizer state sharded over data-parallel ranks")
+    p.add_argument("--zero1", action="store_true", help="ZeRO-1: optimizer state sharded over DP ranks")
     p.add_argument("--dtype", default="float32", help="weights: float32 or bfloat16 (fp32 master in ZeRO-1)")
-    p.add_argument("--micro-batch", type=int, help="rows per rank per microbatch (default data.micro_batch_size)")
-    p.add_argument("--grad-accum", type=int, help="microbatches per step (default: from data.global_batch_size)")
+    p.add_argument("--micro-batch", type=int, help="rows per microbatch (default data.micro_batch_size)")
+    p.add_argument("--grad-accum", type=int, help="microbatches per step (default: global batch)")
     p.add_argument("--max-steps", type=int, help="optimizer steps (default: the YAML's max_duration in ba)")
     p.add_argument("--lr", type=float, help="peak learning rate (default optimizer.lr)")
     p.add_argument("--min-lr-ratio", type=float, help="final lr / peak lr (default scheduler.alpha_f)")
@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-dir", help="NxD checkpoints here (default runs/RUN_NAME/neuron-checkpoints)")
     p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default save_interval)")
     p.add_argument("--keep-last", type=int, help="checkpoints kept (default save_num_checkpoints_to_keep)")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --checkpoint-dir")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint there")
     p.add_argument("--init-from", help="start from a native (save_pretrained / converted) folder")
     p.add_argument("--log-every", type=int, default=10, help="steps between log lines")
     p.add_argument("--metrics-file", help="append one JSON line per logged step here")
@@ -123,7 +123,7 @@ def parse_settings(argv: list[str], world_size: int = 1) -> Settings:
     cfg: TrainConfig = parse_config(load_yaml(args.config, args.overrides))
     seq_len = cfg.data.seq_len
     if seq_len % NKI_CHUNK:
-        raise ConfigError(f"data.seq_len={seq_len}: must be a multiple of {NKI_CHUNK} (the NKI scan's chunk), "
+        raise ConfigError(f"data.seq_len={seq_len}: must be a multiple of {NKI_CHUNK} (the NKI scan chunk), "
                           f"e.g. {max(NKI_CHUNK, seq_len // NKI_CHUNK * NKI_CHUNK)}")
     if args.tp > 1 and world_size % args.tp:
         raise ConfigError(f"--tp {args.tp} does not divide the world size {world_size}")
@@ -134,8 +134,8 @@ def parse_settings(argv: list[str], world_size: int = 1) -> Settings:
     else:
         global_batch = cfg.data.global_batch_size
         if global_batch % (micro * dp):
-            raise ConfigError(f"data.global_batch_size={global_batch} is not a multiple of micro batch {micro} x "
-                              f"data-parallel ranks {dp}; change it or give --grad-accum")
+            raise ConfigError(f"data.global_batch_size={global_batch} is not a multiple of micro batch "
+                              f"{micro} x data-parallel ranks {dp}; change it or give --grad-accum")
         accum = global_batch // (micro * dp)
     if args.dtype == "bfloat16" and not args.zero1:
         raise ConfigError("--dtype bfloat16 needs --zero1 (its optimizer keeps the fp32 master weights)")

@@ -133,7 +133,7 @@ def parallelize(model: MambaLMHeadModel, tp: int) -> MambaLMHeadModel:
             module = model.get_submodule(owner)
             if isinstance(module, (layers.ColumnParallelLinear, layers.RowParallelLinear,
                                    layers.ParallelEmbedding)):
-                raise RuntimeError(f"{name}: NxD shape {tuple(param.shape)} != plan {tuple(shard[name].shape)}")
+                raise RuntimeError(f"{name}: NxD shape {tuple(param.shape)} != {tuple(shard[name].shape)}")
             param = nn.Parameter(torch.empty_like(shard[name], dtype=param.dtype))
             setattr(module, leaf, param)
         with torch.no_grad():

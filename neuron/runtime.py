@@ -86,8 +86,8 @@ def _stand_in_for_neuron_sdk() -> bool:
 
 def missing_packages() -> list[str]:
     """The pip packages neuron/ needs that this environment lacks (empty when all are there)."""
-    return [pip for module, pip in (("torch_xla", "torch-xla"), ("neuronx_distributed", "neuronx-distributed"))
-            if importlib.util.find_spec(module) is None]
+    needed = (("torch_xla", "torch-xla"), ("neuronx_distributed", "neuronx-distributed"))
+    return [pip for module, pip in needed if importlib.util.find_spec(module) is None]
 
 
 def import_nxd():

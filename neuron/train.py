@@ -21,7 +21,6 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script (python neuron/train.py, torchrun neuron/train.py)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
 
 from mamba.strict import ConfigError  # noqa: E402
 from neuron.config import DEFAULT_CONFIG, NKI_CHUNK, Settings, parse_settings  # noqa: E402
@@ -34,7 +33,8 @@ def check_data(s: Settings) -> None:
     from data.errors import DataError
 
     split = os.path.join(s.data, "train")
-    if not os.path.isdir(split) and Path(s.config_path).resolve() == DEFAULT_CONFIG and s.data == "runs/data/tiny":
+    default = Path(s.config_path).resolve() == DEFAULT_CONFIG and s.data == "runs/data/tiny"
+    if default and not os.path.isdir(split):
         _prepare_tiny(s)
     try:
         meta = load_shard_meta(split)
@@ -167,8 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         check_data(s)
         missing = missing_packages()
         if missing:
-            raise ConfigError(f"neuron/train.py needs {' and '.join(missing)}: on trn1 use the Neuron SDK venv; "
-                              f"for CPU runs: pip install -r neuron/requirements-cpu-test.txt")
+            raise ConfigError(f"neuron/train.py needs {' and '.join(missing)}: on trn1 use the Neuron SDK "
+                              f"venv; for CPU runs: pip install -r neuron/requirements-cpu-test.txt")
     except (ConfigError, DataError, ValueError) as err:  # ValueError: the model's and the TP plan's rules
         print(f"error: {err}", file=sys.stderr)
         return 2

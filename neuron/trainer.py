@@ -25,7 +25,7 @@ def build_model(s: Settings, world: World) -> MambaLMHeadModel:
     if s.init_from:
         model = MambaLMHeadModel.from_pretrained(s.init_from)
         if model.config.to_dict() != s.model.to_dict():
-            raise ValueError(f"--init-from {s.init_from}: its config.json differs from the YAML's model section")
+            raise ValueError(f"--init-from {s.init_from}: its config.json differs from the YAML's model:")
     else:
         model = MambaLMHeadModel(s.model)
     model = parallelize(model, s.tp)
@@ -54,8 +54,8 @@ def build_optimizer(model: torch.nn.Module, s: Settings, world: World) -> torch.
         from torch.distributed.optim import ZeroRedundancyOptimizer
 
         zero = ZeroRedundancyOptimizer(groups[0]["params"], optimizer_class=torch.optim.AdamW,
-                                       process_group=ps.get_data_parallel_group(), weight_decay=s.weight_decay,
-                                       **kwargs)
+                                       process_group=ps.get_data_parallel_group(),
+                                       weight_decay=s.weight_decay, **kwargs)
         zero.add_param_group(groups[1])
         return zero
     from neuronx_distributed.optimizer import NeuronZero1Optimizer
@@ -108,7 +108,8 @@ def _reduce_data_parallel_grads(model: torch.nn.Module, world: World) -> None:
         xm.all_reduce(xm.REDUCE_SUM, grads, groups=ps.get_data_parallel_replica_groups())
 
 
-def train_step(model, optimizer, microbatches: list[dict], step: int, s: Settings, world: World) -> torch.Tensor:
+def train_step(model, optimizer, microbatches: list[dict], step: int, s: Settings,
+               world: World) -> torch.Tensor:
     """One optimizer step over `microbatches` (this rank's); returns the step's loss (a device tensor)."""
     for group in optimizer.param_groups:
         group["lr"] = lr_at(step, s)

@@ -99,8 +99,8 @@ def test_tiny_default_trains_checkpoints_and_resumes_bit_identically(tmp_path):
               "--checkpoint-every", "1", "--zero1"]
     run_a = tmp_path / "a"
     run_a.mkdir()
-    proc = subprocess.run([sys.executable, TRAIN, *common, "--metrics-file", "m.jsonl"], cwd=run_a, env=_env(),
-                          capture_output=True, text=True, timeout=380)
+    proc = subprocess.run([sys.executable, TRAIN, *common, "--metrics-file", "m.jsonl"], cwd=run_a,
+                          env=_env(), capture_output=True, text=True, timeout=380)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "xla_cpu, world 1 (tp 1 x dp 1)" in proc.stdout
     losses = [m["loss"] for m in _metrics(run_a / "m.jsonl")]
@@ -113,8 +113,8 @@ def test_tiny_default_trains_checkpoints_and_resumes_bit_identically(tmp_path):
     run_b = tmp_path / "b"
     shutil.copytree(run_a / "runs", run_b / "runs")
     shutil.rmtree(run_b / "runs" / "tiny" / "neuron-checkpoints" / "step_4")
-    proc = subprocess.run([sys.executable, TRAIN, *common, "--resume", "--metrics-file", "m.jsonl"], cwd=run_b,
-                          env=_env(), capture_output=True, text=True, timeout=380)
+    proc = subprocess.run([sys.executable, TRAIN, *common, "--resume", "--metrics-file", "m.jsonl"],
+                          cwd=run_b, env=_env(), capture_output=True, text=True, timeout=380)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "at step 3" in proc.stdout
     resumed = _metrics(run_b / "m.jsonl")

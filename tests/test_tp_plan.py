@@ -149,3 +149,14 @@ def test_sharded_forward_equals_full_forward(name, tp):
         want = full(input_ids, seq_idx=seq_idx)
         got = sharded_forward(full, tp, input_ids, seq_idx)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_norm_across_all_channels_is_refused_for_tp():
+    from mamba.model.config import MAMBA2_DEFAULTS
+
+    if "norm_across_channels" not in MAMBA2_DEFAULTS:
+        pytest.skip("this MambaConfig has no ssm_cfg.norm_across_channels")
+    config = hybrid_config(ssm_cfg={"d_state": 16, "headdim": 16, "ngroups": 2, "norm_across_channels": True})
+    with pytest.raises(ValueError, match="norm_across_channels=true .* train it with --tp 1"):
+        check_tp(config, 2)
+    check_tp(config, 1)

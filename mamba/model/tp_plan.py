@@ -108,9 +108,9 @@ def check_tp(config: MambaConfig, tp: int) -> None:
     if MAMBA2 in kinds:
         o = config.ssm_options(MAMBA2)
         if o.get("norm_across_channels"):
-            raise ValueError(f"ssm_cfg.norm_across_channels=true (transformers < 5's Mamba-2) normalises over "
-                             f"all d_inner channels, which tp={tp} would split across ranks: train it with "
-                             f"--tp 1, or set norm_across_channels: false (per-group norm) for a new model")
+            raise ValueError(f"ssm_cfg.norm_across_channels=true (transformers < 5's Mamba-2) normalises "
+                             f"over all d_inner channels, which tp={tp} would split: train it with --tp 1, "
+                             f"or use norm_across_channels: false (per-group norm) for a new model")
         if o["ngroups"] % tp:  # nheads is a multiple of ngroups, so its heads split too
             raise ValueError(
                 f"ssm_cfg.ngroups={o['ngroups']} is not divisible by tp={tp}: Mamba-2 splits its B/C "
