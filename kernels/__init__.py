@@ -3,7 +3,9 @@
 Each public function picks an implementation by device and availability:
   * CUDA tensors with mamba_ssm / causal_conv1d installed -> their CUDA/Triton kernels;
   * CPU tensors -> our torch paths (and compiled C for the Mamba-1 scan and for decoding);
-  * anything else (CUDA without the extras, XLA, MPS) -> the torch paths, which run anywhere.
+  * XLA tensors with the Neuron compiler (neuronxcc) -> NKI kernels (kernels/nki) for the SSD scan,
+    the causal conv and the gated norm;
+  * anything else (CUDA without the extras, XLA without neuronxcc, MPS) -> the torch paths.
 The torch paths are tested against the sequential float64 recurrences in kernels.reference.
 """
 
@@ -21,10 +23,11 @@ from kernels.dispatch import (
     mamba_chunk_scan_combined,
     mamba_inner_fn,
     mamba_split_conv1d_scan_combined,
+    rms_norm_gated,
     selective_scan_fn,
     selective_state_update,
 )
-from kernels.norm import rms_norm, rms_norm_gated
+from kernels.norm import rms_norm
 
 __all__ = [
     "add_rms_norm",

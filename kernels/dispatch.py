@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import math
 import os
@@ -17,7 +18,9 @@ from kernels.conv1d import (
     check_conv_args,
     check_update_args,
 )
-from kernels.norm import rms_norm, rms_norm_gated
+from kernels.nki import nki_available
+from kernels.norm import rms_norm
+from kernels.norm import rms_norm_gated as _rms_norm_gated_torch
 from kernels.selective_scan import check_scan_args, mamba_inner_torch, selective_scan_torch
 from kernels.ssd import (
     check_ssd_args,
@@ -46,12 +49,19 @@ _CUDA_BACKENDS: tuple[tuple[str, frozenset[str]], ...] = (
 _BACKENDS_BY_DEVICE = {"cuda": _CUDA_BACKENDS}
 
 
+@functools.cache
+def _xla_backends() -> tuple[tuple[str, frozenset[str]], ...]:
+    """NKI on XLA devices when the real Neuron compiler imports (checked once, on first use)."""
+    return (("nki", frozenset({"ssd", "conv1d", "norm_gated"})),) if nki_available() else ()
+
+
 def backend_for(op: str, device: torch.device) -> str:
     """The first backend for this device type that provides op ('cuda-ext' = mamba_ssm /
     causal_conv1d), else 'torch'. MAMBA_KERNELS=torch forces torch."""
     if os.environ.get("MAMBA_KERNELS") == "torch":
         return "torch"
-    for name, ops in _BACKENDS_BY_DEVICE.get(device.type, ()):
+    backends = _xla_backends() if device.type == "xla" else _BACKENDS_BY_DEVICE.get(device.type, ())
+    for name, ops in backends:
         if op in ops:
             return name
     return "torch"
@@ -65,6 +75,12 @@ def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bia
     dt_bias [h], initial_states [b,h,p,n], seq_idx [b,l] int; cu_seqlens [num_seqs+1] (batch 1).
     Returns y, then final_states [b,h,p,n], then varlen_states [num_seqs,h,p,n], as requested."""
     check_ssd_args(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, cu_seqlens, dt_limit)
+    if (backend_for("ssd", x.device) == "nki" and initial_states is None and cu_seqlens is None
+            and not return_final_states and not return_varlen_states):
+        from kernels.nki.autograd import mamba_chunk_scan_combined_nki  # length % 128: ValueError
+
+        return mamba_chunk_scan_combined_nki(x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias,
+                                             seq_idx=seq_idx, dt_softplus=dt_softplus, dt_limit=dt_limit)
     # mamba_ssm reads cu_seqlens only for varlen states; without seq_idx we give ours (no leaks).
     if backend_for("ssd", x.device) == "cuda-ext" and (cu_seqlens is None or seq_idx is not None):
         from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined as ext
@@ -145,6 +161,11 @@ def causal_conv1d_fn(x, weight, bias=None, seq_idx=None, initial_states=None,
     """Depthwise causal conv. x [b,d,l], weight [d,w], bias [d], seq_idx [b,l] (negative = padding,
     output 0), initial_states [b,d,w-1]; returns y (and final states [b,d,w-1])."""
     check_conv_args(x, weight, bias, seq_idx, initial_states, final_states_out, activation)
+    if (backend_for("conv1d", x.device) == "nki" and initial_states is None and not return_final_states
+            and final_states_out is None):
+        from kernels.nki.autograd import causal_conv1d_fn_nki
+
+        return causal_conv1d_fn_nki(x, weight, bias, seq_idx=seq_idx, activation=activation)
     if backend_for("conv1d", x.device) == "cuda-ext" and _ext_conv_handles(
             x, weight, bias, seq_idx, initial_states, return_final_states, final_states_out):
         from causal_conv1d import causal_conv1d_fn as ext
@@ -194,6 +215,15 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
                    state_batch_indices=state_batch_indices)
     return selective_state_update_torch(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias,
                                         dt_softplus=dt_softplus, state_batch_indices=state_batch_indices)
+
+
+def rms_norm_gated(x, weight, z=None, eps=1e-5, group_size=None, norm_before_gate=False):
+    """Mamba-2's grouped gated RMSNorm (kernels.norm); NKI kernels on XLA for whole 128-row tiles."""
+    if backend_for("norm_gated", x.device) == "nki" and (x.numel() // x.shape[-1]) % 128 == 0:
+        from kernels.nki.autograd import rms_norm_gated_nki
+
+        return rms_norm_gated_nki(x, weight, z, eps, group_size, norm_before_gate)
+    return _rms_norm_gated_torch(x, weight, z, eps, group_size, norm_before_gate)
 
 
 def _fits(*specs) -> bool:

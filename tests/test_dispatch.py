@@ -48,3 +48,13 @@ def test_without_the_c_kernel_the_torch_scan_runs(tmp_path):
     result = run_python(CHECK, CC="/nonexistent/cc", MAMBA_KERNELS_BUILD_DIR=str(tmp_path / "b"))
     assert result.stdout.startswith("False compiling") or result.stdout.startswith("False"), result
     assert result.stdout.split()[-1] == "True"
+
+
+def test_xla_without_the_neuron_compiler_uses_torch() -> None:
+    """NKI serves XLA tensors only when the real neuronxcc imports (never our NumPy executor)."""
+    from kernels import backend_for
+    from kernels.nki import nki_available
+
+    assert not nki_available()
+    for op in ("ssd", "conv1d", "norm_gated", "scan"):
+        assert backend_for(op, torch.device("xla")) == "torch"
