@@ -159,6 +159,8 @@ def test_selective_scan_rejects_bad_input_in_one_line():
         selective_scan_triton(**dict(t, B=t["B"][:, :, :, :5]))
     with pytest.raises(ValueError, match="CUDA"):
         selective_scan_triton(**{k: v.to("meta") for k, v in t.items()})
+    with pytest.raises(ValueError, match="D has shape"):
+        selective_scan_triton(**t, D=torch.ones(5))
 
 
 # ---------------------------------------------------------------- causal conv1d

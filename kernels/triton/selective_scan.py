@@ -276,6 +276,9 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
     if Cg.shape != Bg.shape or Bg.shape != (batch, groups, A.shape[1], length) or dim % groups:
         raise ValueError(f"B {tuple(B.shape)} / C {tuple(C.shape)} must be [b,n,l] or [b,g,n,l] with "
                          f"b={batch}, n={A.shape[1]}, l={length} and g dividing d={dim}")
+    for name, t in (("A", A), ("D", D), ("delta_bias", delta_bias)):
+        if t is not None and t.shape[0] != dim:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}; its first dimension must be d={dim}")
     if length == 0:  # nothing to launch: an empty y (still in the graph) and a zero state
         y, last = u * 0, u.new_zeros(batch, dim, A.shape[1], dtype=torch.float32)
         return (y, last) if return_last_state else y
