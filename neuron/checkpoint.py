@@ -112,11 +112,16 @@ def read_neuron_checkpoint(path: str | os.PathLike) -> tuple[MambaConfig, dict[s
     return config, full
 
 
-def convert_to_native(path: str | os.PathLike, out: str | os.PathLike) -> None:
-    """CHECKPOINT_DIR[/step_N] -> a save_pretrained folder (config.json + weights)."""
-    from mamba.model import MambaLMHeadModel
+def read_neuron(src: str | os.PathLike):
+    """`python -m mamba.convert --from neuron CHECKPOINT_DIR[/step_N] --to FORMAT DST`: the merged
+    checkpoint as mamba.interop's Checkpoint (a bad folder is a ConvertError, one line)."""
+    from mamba.interop.tensors import Checkpoint, ConvertError
 
-    config, state = read_neuron_checkpoint(path)
-    model = MambaLMHeadModel(config)
-    model.load_state_dict({k: v.float() for k, v in state.items()})
-    model.save_pretrained(str(out))
+    try:
+        config, state = read_neuron_checkpoint(src)
+    except (ValueError, OSError, KeyError) as err:
+        raise ConvertError(str(err)) from None
+    if config.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    getters = {name: (lambda t=t: t) for name, t in state.items()}
+    return Checkpoint(config, getters, f"neuron checkpoint {src}")

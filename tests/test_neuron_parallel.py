@@ -126,8 +126,11 @@ def worker(out_path: str) -> None:
     content = {"step": 2, "data": {}, "model_config": config.to_dict(), "tp": 2}
     checkpoint.save(ckpt, 2, tp_model, opt, content, keep_last=1)
     if world.rank == 0:
-        native = os.path.join(os.path.dirname(out_path), "native")
-        checkpoint.convert_to_native(ckpt, native)
+        from mamba.interop.native import write_native
+
+        native = Path(out_path).parent / "native"  # what `mamba.convert --from neuron` does
+        native.mkdir()
+        write_native(checkpoint.read_neuron(ckpt), native)
         converted = MambaLMHeadModel.from_pretrained(native)
         with torch.no_grad():
             a = converted(mb["input_ids"], seq_idx=mb["seq_idx"])

@@ -174,3 +174,14 @@ def test_tp_the_model_cannot_take_is_refused(capsys, tmp_path, monkeypatch):
     assert main(["--tp", "2", "--grad-accum", "1"]) == 2
     err = capsys.readouterr().err.strip()
     assert "ngroups=1 is not divisible by tp=2" in err and "\n" not in err, err
+
+
+def test_reading_a_folder_that_is_no_neuron_checkpoint_is_one_clear_error(tmp_path):
+    from mamba.interop.tensors import ConvertError
+    from neuron.checkpoint import read_neuron
+
+    with pytest.raises(ConvertError, match="not a neuron checkpoint"):
+        read_neuron(tmp_path)
+    (tmp_path / "step_3" / "model").mkdir(parents=True)
+    with pytest.raises(ConvertError, match="no user_content.pt"):
+        read_neuron(tmp_path / "step_3")
