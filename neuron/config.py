@@ -23,6 +23,7 @@ class Settings:
     config_path: str
     model: MambaConfig
     data: str
+    remote: str | None
     seq_len: int
     micro_batch: int
     global_batch: int | None
@@ -153,7 +154,8 @@ def parse_settings(argv: list[str], world_size: int = 1) -> Settings:
         raise ConfigError(f"--resume: no checkpoints in {checkpoint_dir}; give --checkpoint-dir")
     keep = args.keep_last if args.keep_last is not None else cfg.save_num_checkpoints_to_keep
     return Settings(
-        config_path=args.config, model=cfg.model.mamba_config(), data=data, seq_len=seq_len,
+        config_path=args.config, model=cfg.model.mamba_config(), data=data, remote=cfg.data.remote,
+        seq_len=seq_len,
         micro_batch=micro, global_batch=global_batch, grad_accum=accum, tp=args.tp, zero1=args.zero1,
         dtype=args.dtype, max_steps=max_steps, lr=args.lr or cfg.optimizer.lr,
         min_lr_ratio=cfg.scheduler.alpha_f if args.min_lr_ratio is None else args.min_lr_ratio,

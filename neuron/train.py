@@ -34,10 +34,10 @@ def check_data(s: Settings) -> None:
 
     split = os.path.join(s.data, "train")
     default = Path(s.config_path).resolve() == DEFAULT_CONFIG and s.data == "runs/data/tiny"
-    if default and not os.path.isdir(split):
+    if default and not s.remote and not os.path.isdir(split):
         _prepare_tiny(s)
     try:
-        meta = load_shard_meta(split)
+        meta = load_shard_meta(split, os.path.join(s.remote, "train") if s.remote else None)
     except DataError as err:
         raise ConfigError(f"--data {s.data}: {err}") from None
     if meta.seq_len != s.seq_len:
@@ -104,8 +104,8 @@ def run(s: Settings) -> dict:
     main = world.rank == 0
     model = build_model(s, world)
     optimizer = build_optimizer(model, s, world)
-    loader = build_dataloader(s.data, split="train", batch_size=s.micro_batch, shuffle=s.shuffle, seed=s.seed,
-                              replication=s.tp if s.tp > 1 else None)
+    loader = build_dataloader(s.data, s.remote, split="train", batch_size=s.micro_batch, shuffle=s.shuffle,
+                              seed=s.seed, replication=s.tp if s.tp > 1 else None)
     batches = Batches(loader, s.micro_batch * world.dp)
     step = 0
     if s.resume:

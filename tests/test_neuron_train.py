@@ -185,3 +185,10 @@ def test_reading_a_folder_that_is_no_neuron_checkpoint_is_one_clear_error(tmp_pa
     (tmp_path / "step_3" / "model").mkdir(parents=True)
     with pytest.raises(ConvertError, match="no user_content.pt"):
         read_neuron(tmp_path / "step_3")
+
+
+def test_slurm_script_parses_and_launches_neuron_train():
+    script = ROOT / "neuron" / "slurm.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    text = script.read_text()
+    assert "torchrun" in text and "neuron/train.py" in text and "--nnodes" in text
