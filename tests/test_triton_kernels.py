@@ -132,6 +132,24 @@ def test_selective_scan_resets_matter_and_one_document_equals_none():
 
 
 @interpreted
+def test_selective_scan_constant_B_C_and_cu_seqlens(monkeypatch):
+    monkeypatch.setattr(tscan, "CHECKPOINT_EVERY", 16)
+    t = scan_inputs(1, 3, 2, 21, 1, {"D": True, "z": True})
+    gen = torch.Generator().manual_seed(4)
+    t["B"] = torch.randn(3, 2, generator=gen, dtype=f64)  # [d, n]: the same at every position
+    seq = rows([6, 15])
+    y_ref, s_ref, g_ref = run_scan(selective_scan_ref, t, seq, False, f64)
+    leaves = {k: v.detach().float().requires_grad_() for k, v in t.items()}
+    y, s = selective_scan_triton(**leaves, cu_seqlens=torch.tensor([0, 6, 21]), return_last_state=True)
+    w = torch.linspace(-1, 1, y.numel(), dtype=f64).view_as(y)
+    ((y.double() * w).sum() + s.double().square().sum()).backward()
+    close(y, y_ref, 2e-5, 2e-5, "y")
+    close(s, s_ref, 2e-5, 2e-5, "last state")
+    for k in t:
+        close(leaves[k].grad, g_ref[k], 1e-4, 2e-5, f"d{k}")
+
+
+@interpreted
 def test_selective_scan_bfloat16_inputs_accumulate_in_float32():
     b, d, n, length, groups, seq, opts = SCAN_CASES["3-docs-off-edges-g2"]
     t = scan_inputs(b, d, n, length, groups, dict(opts, z=True))
@@ -159,7 +177,7 @@ def test_selective_scan_rejects_bad_input_in_one_line():
         selective_scan_triton(**dict(t, B=t["B"][:, :, :, :5]))
     with pytest.raises(ValueError, match="CUDA"):
         selective_scan_triton(**{k: v.to("meta") for k, v in t.items()})
-    with pytest.raises(ValueError, match="D has shape"):
+    with pytest.raises(ValueError, match="D must have shape"):
         selective_scan_triton(**t, D=torch.ones(5))
 
 
@@ -171,6 +189,8 @@ CONV_CASES = {
     "no-docs-width-2": (2, 5, 21, 2, False, None, True, False, "silu"),
     "channel-last-width-3-no-init": (2, 3, 19, 3, True, rows([19], [4, 15]), True, False, "silu"),
     "shorter-than-window": (2, 4, 2, 4, False, rows([1, 1], [2]), True, True, None),
+    "padding-positions": (2, 5, 23, 4, True, rows([15, 8], [23]) - 2 * rows([15, 8], [23]).eq(1), True, True,
+                          "silu"),  # row 0: document 0, then 8 padding positions (seq_idx -1)
 }
 
 

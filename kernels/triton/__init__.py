@@ -46,19 +46,6 @@ def available() -> bool:
         return False
 
 
-def mamba_chunk_scan_combined_triton(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None,
-                                     initial_states=None, seq_idx=None, cu_seqlens=None, dt_softplus=False,
-                                     dt_limit=(0.0, float("inf")), return_final_states=False,
-                                     return_varlen_states=False):
-    """Mamba-2 SSD. x [b,l,h,p], dt [b,l,h], A [h], B/C [b,l,g,n], D [h] or [h,p], seq_idx [b,l]."""
-    _require()
-    from kernels.triton.ssd import mamba_chunk_scan_combined_triton as run
-
-    return run(x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias, initial_states=initial_states,
-               seq_idx=seq_idx, cu_seqlens=cu_seqlens, dt_softplus=dt_softplus, dt_limit=dt_limit,
-               return_final_states=return_final_states, return_varlen_states=return_varlen_states)
-
-
 def usable(*tensors) -> bool:
     """True where dispatch may send these tensors (None entries ignored) here: triton is installed, all are
     CUDA tensors, and the floating ones are float32, float16 or bfloat16."""
@@ -74,23 +61,39 @@ def _require():
 
 
 def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                          return_last_state=False, seq_idx=None):
-    """Mamba-1 scan. u/delta/z [b,d,l], A [d,n], B/C [b,n,l] or [b,g,n,l], D/delta_bias [d], seq_idx [b,l]."""
+                          return_last_state=False, cu_seqlens=None, seq_idx=None):
+    """Mamba-1 scan. u/delta/z [b,d,l], A [d,n], B/C [d,n], [b,n,l] or [b,g,n,l], D/delta_bias [d];
+    cu_seqlens [num_seqs+1] or seq_idx [b,l] reset the state between documents."""
     _require()
     from kernels.triton.selective_scan import selective_scan_triton as run
 
     return run(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
-               return_last_state=return_last_state, seq_idx=seq_idx)
+               return_last_state=return_last_state, cu_seqlens=cu_seqlens, seq_idx=seq_idx)
 
 
 def causal_conv1d_triton(x, weight, bias=None, seq_idx=None, initial_states=None,
-                         return_final_states=False, activation=None):
-    """Depthwise causal conv. x [b,d,l], weight [d,w], bias [d], seq_idx [b,l], initial_states [b,d,w-1]."""
+                         return_final_states=False, final_states_out=None, activation=None):
+    """Depthwise causal conv. x [b,d,l], weight [d,w], bias [d], seq_idx [b,l] (negative = padding),
+    initial_states [b,d,w-1]; final states [b,d,w-1] returned and/or written to final_states_out."""
     _require()
     from kernels.triton.conv1d import causal_conv1d_triton as run
 
     return run(x, weight, bias, seq_idx=seq_idx, initial_states=initial_states,
-               return_final_states=return_final_states, activation=activation)
+               return_final_states=return_final_states, final_states_out=final_states_out,
+               activation=activation)
+
+
+def mamba_chunk_scan_combined_triton(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None,
+                                     initial_states=None, seq_idx=None, cu_seqlens=None, dt_softplus=False,
+                                     dt_limit=(0.0, float("inf")), return_final_states=False,
+                                     return_varlen_states=False):
+    """Mamba-2 SSD. x [b,l,h,p], dt [b,l,h], A [h], B/C [b,l,g,n], D [h] or [h,p], seq_idx [b,l]."""
+    _require()
+    from kernels.triton.ssd import mamba_chunk_scan_combined_triton as run
+
+    return run(x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias, initial_states=initial_states,
+               seq_idx=seq_idx, cu_seqlens=cu_seqlens, dt_softplus=dt_softplus, dt_limit=dt_limit,
+               return_final_states=return_final_states, return_varlen_states=return_varlen_states)
 
 
 __all__ = ["available", "causal_conv1d_triton", "mamba_chunk_scan_combined_triton", "selective_scan_triton",

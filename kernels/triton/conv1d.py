@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.conv1d import check_conv_args
 from kernels.triton._launch import check_device, check_dtype, interpreting
 
 
@@ -57,6 +58,8 @@ def _conv_fwd(x_ptr, w_ptr, bias_ptr, seq_ptr, init_ptr, y_ptr, dy_ptr, g_ptr, d
         wk = tl.load(w_ptr + d * W + k, mask=d_mask, other=0.0).to(tl.float32)
         acc += wk[:, None] * _tap(x_ptr, init_ptr, seq_ptr, doc_t, doc0, b, d, d_mask, t, k, length,
                                   sxb, sxd, sxl, sib, sid, sil, W, HAS_INIT, HAS_SEQ)
+    if HAS_SEQ:  # positions with seq_idx < 0 are padding: output 0 (and no gradient)
+        acc = tl.where((doc_t >= 0)[None, :], acc, 0.0)
     if not BACKWARD:
         y = acc * tl.sigmoid(acc) if SILU else acc
         tl.store(y_ptr + b * syb + d[:, None] * syd + t[None, :] * syl, y, mask=mask)
@@ -66,6 +69,8 @@ def _conv_fwd(x_ptr, w_ptr, bias_ptr, seq_ptr, init_ptr, y_ptr, dy_ptr, g_ptr, d
         if SILU:
             sig = tl.sigmoid(acc)
             g = g * sig * (1.0 + acc * (1.0 - sig))
+        if HAS_SEQ:
+            g = tl.where((doc_t >= 0)[None, :], g, 0.0)
         tl.store(g_ptr + b * sgb + d[:, None] * sgd + t[None, :] * sgl, g, mask=mask)
         dw = dw_ptr + ((b * nlblk + pid_l) * dim + d) * W
         for k in tl.static_range(W):
@@ -161,32 +166,29 @@ class _CausalConv1dTriton(torch.autograd.Function):
 
 
 def causal_conv1d_triton(x, weight, bias=None, seq_idx=None, initial_states=None,
-                         return_final_states=False, activation=None):
+                         return_final_states=False, final_states_out=None, activation=None):
     """Same contract as kernels.conv1d.causal_conv1d_torch: x [b,d,l] (channel-first or channel-last
-    strides), weight [d,w], bias [d], seq_idx [b,l], initial_states [b,d,w-1]; returns y in x's dtype
-    (and the final states, the last w-1 inputs, when return_final_states)."""
-    if activation not in (None, "silu", "swish"):
-        raise ValueError(f"activation={activation!r} is not supported; use None or 'silu'")
-    check_device(x, weight, bias, seq_idx, initial_states)
+    strides), weight [d,w], bias [d], seq_idx [b,l] (negative = padding, output 0), initial_states
+    [b,d,w-1]; returns y in x's dtype (and the final states, the last w-1 inputs, when asked)."""
+    check_conv_args(x, weight, bias, seq_idx, initial_states, final_states_out, activation)
+    check_device(x, weight, bias, seq_idx, initial_states, final_states_out)
     for name, t in (("x", x), ("weight", weight), ("bias", bias), ("initial_states", initial_states)):
         check_dtype(name, t)
     batch, dim, length = x.shape
-    width = weight.shape[-1]
-    if weight.dim() == 3:  # [d, 1, w], as nn.Conv1d stores it
-        weight = weight.squeeze(1)
-    if weight.shape != (dim, width) or (initial_states is not None
-                                        and initial_states.shape != (batch, dim, width - 1)):
-        raise ValueError(f"weight {tuple(weight.shape)} must be [d={dim}, w] and initial_states "
-                         f"[b={batch}, d={dim}, w-1]")
+    width = weight.shape[1]
     seq = None if seq_idx is None else seq_idx.to(torch.int32).contiguous()
     if length == 0:  # nothing to launch (an empty y, still in the graph)
         y = x * 0
     else:
         y = _CausalConv1dTriton.apply(x, weight.contiguous(), None if bias is None else bias.contiguous(),
                                       seq, initial_states, activation is not None)
-    if not return_final_states:
+    if not (return_final_states or final_states_out is not None):
         return y
     history = (initial_states.to(x.dtype) if initial_states is not None
                else x.new_zeros(batch, dim, width - 1))
     tail = x[:, :, max(0, length - (width - 1)):]
-    return y, torch.cat([history, tail], dim=-1)[:, :, tail.shape[-1]:] if width > 1 else x[:, :, :0]
+    final = torch.cat([history, tail], dim=-1)[:, :, tail.shape[-1]:]
+    if final_states_out is not None:
+        final_states_out.copy_(final)
+        final = final_states_out
+    return (y, final) if return_final_states else y

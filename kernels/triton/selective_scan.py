@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.selective_scan import check_scan_args, seq_idx_from_cu_seqlens
 from kernels.triton._launch import autotune, check_device, check_dtype, interpreting, next_pow2
 
 CHECKPOINT_EVERY = 64  # K: steps between stored states (scratch per program is K * block * n floats)
@@ -257,33 +258,33 @@ class _SelectiveScanTriton(torch.autograd.Function):
 
 
 def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                          return_last_state=False, seq_idx=None):
-    """Same contract as kernels.selective_scan.selective_scan_torch (mamba_ssm's selective_scan_fn plus
-    seq_idx [b,l], a change of which resets the state). u, delta, z: [b,d,l]; A: [d,n];
-    B, C: [b,n,l] or [b,g,n,l]; D, delta_bias: [d]. Returns y in u's dtype (and the float32 last
-    state, which unlike mamba_ssm's passes gradients back too).
+                          return_last_state=False, cu_seqlens=None, seq_idx=None):
+    """Same contract as kernels.selective_scan.selective_scan_torch (mamba_ssm's selective_scan_fn, real A,
+    plus seq_idx [b,l]: a change of value resets the state, as cu_seqlens boundaries do).
+    u, delta, z: [b,d,l]; A: [d,n]; B, C: [d,n] (constant), [b,n,l] or [b,g,n,l]; D, delta_bias: [d].
+    Returns y in u's dtype (and the float32 last state, which unlike mamba_ssm's passes gradients back).
     """
+    check_scan_args(u, delta, A, B, C, D, z, delta_bias, seq_idx, cu_seqlens)
     check_device(u, delta, A, B, C, D, z, delta_bias, seq_idx)
     for name, t in (("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C), ("D", D), ("z", z),
                     ("delta_bias", delta_bias)):
         check_dtype(name, t)
     batch, dim, length = u.shape
-    Bg = B[:, None] if B.dim() == 3 else B
-    Cg = C[:, None] if C.dim() == 3 else C
-    groups = Bg.shape[1]
-    if delta.shape != u.shape or (z is not None and z.shape != u.shape):
-        raise ValueError(f"delta {tuple(delta.shape)} and z must have u's shape {tuple(u.shape)}")
-    if Cg.shape != Bg.shape or Bg.shape != (batch, groups, A.shape[1], length) or dim % groups:
-        raise ValueError(f"B {tuple(B.shape)} / C {tuple(C.shape)} must be [b,n,l] or [b,g,n,l] with "
-                         f"b={batch}, n={A.shape[1]}, l={length} and g dividing d={dim}")
-    for name, t in (("A", A), ("D", D), ("delta_bias", delta_bias)):
-        if t is not None and t.shape[0] != dim:
-            raise ValueError(f"{name} has shape {tuple(t.shape)}; its first dimension must be d={dim}")
+    if cu_seqlens is not None and seq_idx is None:
+        seq_idx = seq_idx_from_cu_seqlens(cu_seqlens, batch, u.device)
+
+    def grouped(M):  # -> [b,g,n,l] (a view: autograd reshapes the gradient back)
+        if M.dim() == 2:  # constant per channel: one group per channel, broadcast over b and l
+            return M[None, :, :, None].expand(batch, dim, M.shape[1], length)
+        return M[:, None] if M.dim() == 3 else M
+
+    Bg, Cg = grouped(B), grouped(C)
+    if Bg.shape[1] != Cg.shape[1]:  # e.g. constant B with time-varying C: give both one group per channel
+        Bg, Cg = (M.repeat_interleave(dim // M.shape[1], dim=1) for M in (Bg, Cg))
     if length == 0:  # nothing to launch: an empty y (still in the graph) and a zero state
         y, last = u * 0, u.new_zeros(batch, dim, A.shape[1], dtype=torch.float32)
         return (y, last) if return_last_state else y
     seq = None if seq_idx is None else seq_idx.to(torch.int32).contiguous()
-    # Bg / Cg may be views of [b,n,l] tensors: autograd reshapes their gradients back.
     y, last = _SelectiveScanTriton.apply(
         u.contiguous(), delta.contiguous(), A.contiguous(), Bg, Cg, None if D is None else D.contiguous(),
         None if z is None else z.contiguous(), None if delta_bias is None else delta_bias.contiguous(),
