@@ -8,6 +8,7 @@ Each setting runs in a fresh process (OpenMP reads its environment once, when to
   one     OMP_NUM_THREADS=1
   recipe  what mamba/train.py does now: threads from os.sched_getaffinity, OMP_WAIT_POLICY=PASSIVE
   active  threads from affinity, OMP_WAIT_POLICY=ACTIVE (waiting threads spin: the worst case)
+  spin    threads from affinity, GOMP_SPINCOUNT=10000 (a short spin, then sleep; libgomp only)
 Per step: wall time split into forward / backward / optimizer, process CPU time (user+sys; a
 spinning OpenMP thread shows up as CPU time beyond the work), and involuntary context switches.
 A separate probe measures the CPU that idle OpenMP threads burn between parallel regions, which
@@ -28,7 +29,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SETTINGS = ("old", "one", "recipe", "active")
+SETTINGS = ("old", "one", "recipe", "active", "spin")
 
 
 # ---- the measured process --------------------------------------------------------------------
@@ -41,6 +42,8 @@ def child(setting: str, steps: int, budget: float) -> dict:
     else:
         if setting == "active":
             os.environ["OMP_WAIT_POLICY"] = "ACTIVE"
+        elif setting == "spin":
+            os.environ["GOMP_SPINCOUNT"] = "10000"
         elif setting == "one":
             os.environ["OMP_NUM_THREADS"] = "1"
         import torch
@@ -89,7 +92,8 @@ def child(setting: str, steps: int, budget: float) -> dict:
         idle_cpu += time.process_time() - c0
         idle_wall += time.perf_counter() - t0
     return {"setting": setting, "threads": torch.get_num_threads(),
-            "wait_policy": os.environ.get("OMP_WAIT_POLICY", "(default)"),
+            "wait_policy": os.environ.get("OMP_WAIT_POLICY") or (
+                f"spin {os.environ['GOMP_SPINCOUNT']}" if "GOMP_SPINCOUNT" in os.environ else "(default)"),
             "median": {k: statistics.median(r[k] for r in rows) for k in rows[0]},
             "max_step": max(r["step"] for r in rows), "idle_cpu_per_idle_s": idle_cpu / idle_wall,
             "steps": len(rows)}
@@ -110,7 +114,8 @@ def stop_load(procs: list[subprocess.Popen]) -> None:
 
 
 def run_child(setting: str, steps: int, loaded: bool, timeout: float, budget: float) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     load = start_load(timeout) if loaded else []
     try:
         out = subprocess.run([sys.executable, __file__, "--child", setting, "--steps", str(steps),
