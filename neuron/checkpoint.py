@@ -42,13 +42,28 @@ def tag_of(step: int) -> str:
     return f"step_{step}"
 
 
+def _local_optimizer(optimizer):
+    """What NxD saves and loads as a dict: torch's ZeroRedundancyOptimizer (ZeRO-1 over gloo) by its
+    own shard's optimizer; NxD's load takes no plain torch optimizer object."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    return optimizer.optim if isinstance(optimizer, ZeroRedundancyOptimizer) else optimizer
+
+
+def _is_nxd_zero1(optimizer) -> bool:
+    return type(optimizer).__name__ == "NeuronZero1Optimizer"
+
+
 def save(checkpoint_dir: str, step: int, model, optimizer, user_content: dict, keep_last: int | None) -> str:
     """Save model + optimizer shards and user_content as tag step_N; keep the newest keep_last."""
     nxd = import_nxd()
+    nxd_zero1 = _is_nxd_zero1(optimizer)
+    local = optimizer if nxd_zero1 else _local_optimizer(optimizer)
+    state = optimizer if nxd_zero1 else local.state_dict()
     with _gloo_rendezvous():
-        nxd.save_checkpoint(checkpoint_dir, tag_of(step), model=model, optimizer=optimizer,
+        nxd.save_checkpoint(checkpoint_dir, tag_of(step), model=model, optimizer=state,
                             user_content=user_content, num_kept_ckpts=keep_last, num_workers=1,
-                            zero1_optimizer=False)
+                            zero1_optimizer=local is not optimizer)
         nxd.finalize_checkpoint()
     barrier("neuron checkpoint saved")
     return os.path.join(checkpoint_dir, tag_of(step))
@@ -69,8 +84,12 @@ def latest_tag(checkpoint_dir: str) -> str | None:
 def load(checkpoint_dir: str, tag: str, model, optimizer) -> dict:
     """Load this rank's shards into model and optimizer; returns the user_content."""
     nxd = import_nxd()
+    nxd_zero1 = _is_nxd_zero1(optimizer)
+    state = optimizer if nxd_zero1 else {}
     with _gloo_rendezvous():
-        content = nxd.load_checkpoint(checkpoint_dir, tag=tag, model=model, optimizer=optimizer)
+        content = nxd.load_checkpoint(checkpoint_dir, tag=tag, model=model, optimizer=state)
+    if not nxd_zero1:
+        _local_optimizer(optimizer).load_state_dict(state)
     if not isinstance(content, dict):
         where = os.path.join(checkpoint_dir, tag)
         raise ValueError(f"{where}: no user_content.pt (not written by neuron/train.py)")

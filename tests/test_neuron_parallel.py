@@ -10,6 +10,7 @@ This file is also the worker: `torchrun --nproc_per_node 2 tests/test_neuron_par
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -170,6 +171,42 @@ def test_tp2_under_nxd_equals_the_plain_model(tmp_path):
     assert r["weights_after_steps"] < 2e-5, r
     assert r["converted_logits"] < 2e-5, r
     assert r["tp_files"] == ["dp_rank_00_tp_rank_00_pp_rank_00.pt", "dp_rank_00_tp_rank_01_pp_rank_00.pt"]
+
+
+@pytest.mark.timeout(300)
+def test_tp2_training_run_resumes_bit_identically(tmp_path):
+    """torchrun neuron/train.py --tp 2 on the prepared tiny corpus (TP ranks read the same rows),
+    plain AdamW; the state on disk after a kill following step 2 resumes to the same weights."""
+    from data import TINY_CORPUS
+    from data.prepare import prepare
+    from neuron.checkpoint import read_neuron_checkpoint
+
+    prepare([str(TINY_CORPUS)], str(tmp_path / "data"), 256, progress=False)
+    env = dict(os.environ, NXD_CPU_MODE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env.pop("PJRT_DEVICE", None)
+    args = ["model.ssm_cfg={d_state: 32, headdim: 32, chunk_size: 64, ngroups: 2}", "--tp", "2",
+            "--data", str(tmp_path / "data"), "--max-steps", "3", "--micro-batch", "2", "--grad-accum", "2",
+            "--log-every", "1", "--checkpoint-every", "1", "--metrics-file", "m.jsonl"]
+
+    def train(folder, *extra):
+        folder.mkdir(exist_ok=True)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(_free_port()), str(ROOT / "neuron" / "train.py"), *args, "--checkpoint-dir", "ck", *extra]
+        proc = subprocess.run(cmd, env=env, cwd=folder, capture_output=True, text=True, timeout=140)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+        return [json.loads(line) for line in (folder / "m.jsonl").read_text().splitlines()]
+
+    first = train(tmp_path / "a")
+    assert [m["step"] for m in first] == [1, 2, 3] and first[-1]["loss"] < first[0]["loss"]
+    assert sorted(p.name for p in (tmp_path / "a" / "ck").glob("step_*")) == ["step_2", "step_3"]
+    (tmp_path / "b").mkdir()
+    shutil.copytree(tmp_path / "a" / "ck", tmp_path / "b" / "ck")
+    shutil.rmtree(tmp_path / "b" / "ck" / "step_3")
+    resumed = train(tmp_path / "b", "--resume")
+    assert [m["loss"] for m in resumed] == [first[-1]["loss"]]
+    _, a = read_neuron_checkpoint(tmp_path / "a" / "ck")
+    _, b = read_neuron_checkpoint(tmp_path / "b" / "ck")
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def _free_port() -> int:
