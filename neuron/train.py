@@ -98,7 +98,7 @@ def run(s: Settings) -> dict:
     from mamba.model.flops import training_flops
     from neuron import checkpoint
     from neuron.runtime import NEURON, init_distributed, mode
-    from neuron.trainer import build_model, build_optimizer, lr_at, train_step
+    from neuron.trainer import build_model, build_optimizer, lr_at, step_loss, train_step
 
     world = init_distributed(s.tp)
     main = world.rank == 0
@@ -132,7 +132,7 @@ def run(s: Settings) -> dict:
         step += 1
         window_steps += 1
         if step % s.log_every == 0 or step == s.max_steps:
-            loss_value = float(loss.item())  # syncs the device: only at log steps
+            loss_value = step_loss(loss, world)  # syncs the device: only at log steps
             elapsed = time.perf_counter() - window_start
             seconds = elapsed / window_steps
             last = {"step": step, "loss": loss_value, "lr": lr_at(step - 1, s),

@@ -92,6 +92,22 @@ def _data_parallel_sum(value: float, world: World) -> float:
     return float(xm.all_reduce(xm.REDUCE_SUM, t, groups=ps.get_data_parallel_replica_groups()).item())
 
 
+def step_loss(total: torch.Tensor, world: World) -> float:
+    """The step's loss over all data-parallel ranks (each rank's `total` is its share of it)."""
+    if world.dp == 1:
+        return float(total.item())
+    from neuronx_distributed.parallel_layers import parallel_state as ps
+
+    if world.mode == CPU:
+        t = total.detach().clone()
+        torch.distributed.all_reduce(t, group=ps.get_data_parallel_group())
+        return float(t.item()) / world.dp
+    import torch_xla.core.xla_model as xm
+
+    summed = xm.all_reduce(xm.REDUCE_SUM, total.detach(), groups=ps.get_data_parallel_replica_groups())
+    return float(summed.item()) / world.dp
+
+
 def _reduce_data_parallel_grads(model: torch.nn.Module, world: World) -> None:
     """Sum gradients over data-parallel ranks (ZeRO-1 on XLA does this itself)."""
     if world.dp == 1:
