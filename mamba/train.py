@@ -337,7 +337,10 @@ def train(cfg: TrainConfig, derived: dict):
         save_num_checkpoints_to_keep=cfg.save_num_checkpoints_to_keep,
         save_overwrite=cfg.save_overwrite, autoresume=cfg.autoresume, load_path=cfg.load_path,
         load_weights_only=cfg.load_weights_only, progress_bar=cfg.progress_bar,
-        log_to_console=cfg.log_to_console, console_log_interval=cfg.console_log_interval,
+        # loggers.console is another way to write log_to_console + console_log_interval
+        log_to_console=cfg.log_to_console or cfg.loggers.console is not None,
+        console_log_interval=(cfg.loggers.console.log_interval if cfg.loggers.console
+                              else cfg.console_log_interval),
         seed=cfg.seed, dist_timeout=cfg.dist_timeout,
         parallelism_config={"fsdp": fsdp_settings(cfg)} if cfg.fsdp else None,
     )

@@ -161,10 +161,13 @@ def test_the_original_spellings_mistakes_are_clear(shards4096, tmp_path):
 def test_no_config_argument_trains_the_embedded_default_and_names_it(shards256, tmp_path):
     # the default (yamls/tiny.yaml) cut short: two batches, a tiny eval and sample
     over = [f"data.local={shards256}", "max_duration=2ba", "scheduler.warmup=1ba", "eval_interval=2ba",
-            "eval_subset_num_batches=1", "sample.max_new_tokens=4", "progress_bar=false"]
+            "eval_subset_num_batches=1", "sample.max_new_tokens=4", "progress_bar=false",
+            "loggers.console.log_interval=1ba"]
     result = cli(over, tmp_path, env={"OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout.splitlines()
     assert out[0] == f"config: {DEFAULT_CONFIG} (the embedded default; give CONFIG.yaml to train another)"
     assert "sample: Question: What is 7 plus 4?\nAnswer:'" in result.stdout  # the completion's repr
+    logged = result.stdout + result.stderr  # loggers.console: Composer's console lines, every batch
+    assert "[batch=1/2]" in logged and "[batch=2/2]" in logged, logged[-2000:]
     assert (tmp_path / "runs" / "tiny" / "model" / "config.json").is_file()
