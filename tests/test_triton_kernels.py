@@ -1,8 +1,8 @@
 """Our Triton kernels (kernels/triton/) against the float64 recurrences in kernels.reference, run on
 CPU by Triton's interpreter. Shapes are small (the interpreter runs each program in numpy) but
 ragged: lengths, channel counts and state sizes that are multiples of no block size, documents
-ending on and off block and checkpoint edges. On a GPU, bench/gpu_check.py runs the same kernels
-at real sizes."""
+ending on and off block, chunk and checkpoint edges. On a GPU, MAMBA_TRITON_TEST_DEVICE=cuda runs
+the same tests on the compiled kernels; bench/gpu_check.py runs them at real sizes."""
 
 import importlib.util
 import os
@@ -20,7 +20,11 @@ if importlib.util.find_spec("triton") is None:  # not importorskip: importing tr
 # included, so it must be set before triton is first imported. Run alone, this file sets it
 # and imports the kernels here; in a suite where something imported triton earlier (Composer
 # does), test_in_fresh_process runs this file again in a new interpreter.
-IN_PROCESS = "triton" not in sys.modules or os.environ.get("TRITON_INTERPRET") == "1"
+ON_GPU = os.environ.get("MAMBA_TRITON_TEST_DEVICE") == "cuda"
+if ON_GPU and not torch.cuda.is_available():
+    pytest.skip("MAMBA_TRITON_TEST_DEVICE=cuda but no CUDA device", allow_module_level=True)
+DEVICE = torch.device("cuda" if ON_GPU else "cpu")
+IN_PROCESS = ON_GPU or "triton" not in sys.modules or os.environ.get("TRITON_INTERPRET") == "1"
 interpreted = pytest.mark.skipif(not IN_PROCESS, reason="run by test_in_fresh_process")
 from kernels.triton import (  # noqa: E402
     causal_conv1d_triton,
@@ -30,7 +34,7 @@ from kernels.triton import (  # noqa: E402
 
 if IN_PROCESS:
     _saved = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
+    os.environ["TRITON_INTERPRET"] = "0" if ON_GPU else "1"
     for _name in ("_launch", "selective_scan", "conv1d", "ssd"):
         sys.modules.pop(f"kernels.triton.{_name}", None)
     from kernels.triton import _launch, conv1d  # noqa: E402, F401
@@ -52,7 +56,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def rows(*docs_per_row):
     """seq_idx [b, l]: one list of document lengths per row."""
     return torch.stack([torch.cat([torch.full((n,), i, dtype=torch.int32) for i, n in enumerate(lengths)])
-                        for lengths in docs_per_row])
+                        for lengths in docs_per_row]).to(DEVICE)
 
 
 def close(a, b, rtol, atol, what=""):
@@ -63,8 +67,8 @@ def close(a, b, rtol, atol, what=""):
 
 @interpreted
 def test_kernels_were_built_for_the_interpreter():
-    assert _launch.interpreting()
-    assert type(tscan._scan_fwd.fn).__name__ == "InterpretedFunction"
+    assert _launch.interpreting() != ON_GPU
+    assert (type(tscan._scan_fwd.fn).__name__ == "InterpretedFunction") != ON_GPU
 
 
 # ---------------------------------------------------------------- Mamba-1 selective scan
@@ -93,14 +97,14 @@ def scan_inputs(b, d, n, length, groups, opts, dtype=f64):
         t["z"] = torch.randn(b, d, length, generator=g)
     if opts.get("bias"):
         t["delta_bias"] = torch.rand(d, generator=g) * 0.5
-    return {k: v.to(dtype) for k, v in t.items()}
+    return {k: v.to(DEVICE, dtype) for k, v in t.items()}
 
 
 def run_scan(fn, t, seq, softplus, dtype):
     leaves = {k: v.detach().to(dtype).requires_grad_() for k, v in t.items()}
     y, last = fn(**leaves, delta_softplus=softplus, seq_idx=seq, **({} if fn is selective_scan_ref else
                                                                    dict(return_last_state=True)))
-    w = torch.linspace(-1, 1, y.numel(), dtype=f64).view_as(y)
+    w = torch.linspace(-1, 1, y.numel(), dtype=f64, device=y.device).view_as(y)
     ((y.double() * w).sum() + last.double().square().sum()).backward()
     return y, last, {k: v.grad for k, v in leaves.items()}
 
@@ -136,12 +140,13 @@ def test_selective_scan_constant_B_C_and_cu_seqlens(monkeypatch):
     monkeypatch.setattr(tscan, "CHECKPOINT_EVERY", 16)
     t = scan_inputs(1, 3, 2, 21, 1, {"D": True, "z": True})
     gen = torch.Generator().manual_seed(4)
-    t["B"] = torch.randn(3, 2, generator=gen, dtype=f64)  # [d, n]: the same at every position
+    t["B"] = torch.randn(3, 2, generator=gen, dtype=f64).to(DEVICE)  # [d, n]: the same at every position
     seq = rows([6, 15])
     y_ref, s_ref, g_ref = run_scan(selective_scan_ref, t, seq, False, f64)
     leaves = {k: v.detach().float().requires_grad_() for k, v in t.items()}
-    y, s = selective_scan_triton(**leaves, cu_seqlens=torch.tensor([0, 6, 21]), return_last_state=True)
-    w = torch.linspace(-1, 1, y.numel(), dtype=f64).view_as(y)
+    y, s = selective_scan_triton(**leaves, cu_seqlens=torch.tensor([0, 6, 21], device=DEVICE),
+                              return_last_state=True)
+    w = torch.linspace(-1, 1, y.numel(), dtype=f64, device=y.device).view_as(y)
     ((y.double() * w).sum() + s.double().square().sum()).backward()
     close(y, y_ref, 2e-5, 2e-5, "y")
     close(s, s_ref, 2e-5, 2e-5, "last state")
@@ -161,7 +166,7 @@ def test_selective_scan_bfloat16_inputs_accumulate_in_float32():
     assert y.dtype == torch.bfloat16 and s.dtype == torch.float32
     close(y, y_ref, 1e-2, 1e-2, "y")  # one bf16 rounding of the output
     close(s, s_ref, 1e-5, 1e-5, "last state")  # float32 all the way
-    w = torch.linspace(-1, 1, y.numel(), dtype=f64).view_as(y)
+    w = torch.linspace(-1, 1, y.numel(), dtype=f64, device=y.device).view_as(y)
     ((y.double() * w).sum() + s.double().square().sum()).backward()
     for k in ("u", "delta", "B", "C", "A", "D"):
         assert leaves[k].grad.dtype == leaves[k].dtype
@@ -201,7 +206,7 @@ def conv_inputs(b, d, length, width, bias, init, dtype=f64):
         t["bias"] = torch.randn(d, generator=g)
     if init:
         t["initial_states"] = torch.randn(b, d, width - 1, generator=g)
-    return {k: v.to(dtype) for k, v in t.items()}
+    return {k: v.to(DEVICE, dtype) for k, v in t.items()}
 
 
 def run_conv(fn, t, seq, act, dtype, channel_last=False):
@@ -214,7 +219,7 @@ def run_conv(fn, t, seq, act, dtype, channel_last=False):
         y, final = fn(x, seq_idx=seq, activation=act, **args)
     else:
         y, final = fn(x, seq_idx=seq, activation=act, return_final_states=True, **args)
-    w = torch.linspace(-1, 1, y.numel(), dtype=f64).view_as(y)
+    w = torch.linspace(-1, 1, y.numel(), dtype=f64, device=y.device).view_as(y)
     ((y.double() * w).sum() + final.double().square().sum()).backward()
     return y, final, {k: v.grad for k, v in leaves.items()}
 
@@ -275,7 +280,7 @@ def ssd_inputs(b, length, h, p, g, n, opts, dtype=f64):
         t["z"] = torch.randn(b, length, h, p, generator=gen)
     if opts.get("init"):
         t["initial_states"] = torch.randn(b, h, p, n, generator=gen)
-    return {k: v.to(dtype) for k, v in t.items()}
+    return {k: v.to(DEVICE, dtype) for k, v in t.items()}
 
 
 def run_ssd(fn, t, seq, dt_limit, dtype):
@@ -285,7 +290,7 @@ def run_ssd(fn, t, seq, dt_limit, dtype):
     else:
         y, state = fn(**leaves, chunk_size=256, seq_idx=seq, dt_softplus=True, dt_limit=dt_limit,
                       return_final_states=True)
-    w = torch.linspace(-1, 1, y.numel(), dtype=f64).view_as(y)
+    w = torch.linspace(-1, 1, y.numel(), dtype=f64, device=y.device).view_as(y)
     ((y.double() * w).sum() + state.double().square().sum()).backward()
     return y, state, {k: v.grad for k, v in leaves.items()}
 
@@ -313,13 +318,13 @@ def test_ssd_bfloat16_cu_seqlens_and_errors(monkeypatch):
     t = {k: v.to(torch.bfloat16).to(f64) for k, v in ssd_inputs(1, length, h, p, g, n, opts).items()}
     y_ref, s_ref, g_ref = run_ssd(ssd_ref, t, seq[:1], (0.0, float("inf")), f64)
     leaves = {k: v.to(torch.bfloat16).requires_grad_() for k, v in t.items()}
-    cu = torch.tensor([0, 10, 26, 37])  # the same three documents, as packed sequences
+    cu = torch.tensor([0, 10, 26, 37], device=DEVICE)  # the same three documents, as packed sequences
     y, s = mamba_chunk_scan_combined_triton(**leaves, chunk_size=64, cu_seqlens=cu, dt_softplus=True,
                                             return_final_states=True)
     assert y.dtype == torch.bfloat16
     close(y, y_ref, 2e-2, 2e-2, "y")
     close(s, s_ref, 1e-2, 1e-2, "final state")
-    w = torch.linspace(-1, 1, y.numel(), dtype=f64).view_as(y)
+    w = torch.linspace(-1, 1, y.numel(), dtype=f64, device=y.device).view_as(y)
     ((y.double() * w).sum() + s.double().square().sum()).backward()
     for k in t:
         close(leaves[k].grad, g_ref[k], 3e-2, 3e-2, f"d{k}")
@@ -396,14 +401,16 @@ def test_usable_only_for_cuda_tensors_of_supported_dtypes():
     assert not usable()
     meta = torch.zeros(2, 3, device="meta")
     assert not usable(meta)
+    assert usable(x.to(DEVICE), x.to(DEVICE, torch.bfloat16)) == ON_GPU
+    assert not usable(x.to(DEVICE, torch.float64))
 
 
 @interpreted
 def test_empty_sequences():
     t = {k: v.float() for k, v in scan_inputs(2, 4, 3, 0, 1, {"D": True}).items()}
     y, last = selective_scan_triton(**t, return_last_state=True)
-    assert y.shape == (2, 4, 0) and torch.equal(last, torch.zeros(2, 4, 3))
-    x, w = torch.zeros(2, 3, 0), torch.randn(3, 4)
-    init = torch.randn(2, 3, 3)
+    assert y.shape == (2, 4, 0) and torch.equal(last.cpu(), torch.zeros(2, 4, 3))
+    x, w = torch.zeros(2, 3, 0, device=DEVICE), torch.randn(3, 4, device=DEVICE)
+    init = torch.randn(2, 3, 3, device=DEVICE)
     y, final = causal_conv1d_triton(x, w, initial_states=init, return_final_states=True)
     assert y.shape == (2, 3, 0) and torch.equal(final, init)
