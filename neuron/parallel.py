@@ -60,8 +60,8 @@ def _layers():
 
 def _column(linear: nn.Linear, dtype) -> nn.Module:
     _, column, _, _ = _layers()
-    return column(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                                       gather_output=False, dtype=dtype)
+    return column(linear.in_features, linear.out_features, bias=linear.bias is not None, gather_output=False,
+                  dtype=dtype)
 
 
 def _row(linear: nn.Linear, dtype, reduced_grad: bool = False) -> nn.Module:
@@ -71,14 +71,32 @@ def _row(linear: nn.Linear, dtype, reduced_grad: bool = False) -> nn.Module:
                dtype=dtype)
 
 
+def _swap_one_group_mamba2(mixer: nn.Module, tp: int, dtype) -> None:
+    """ngroups=1: B/C replicated, the norm across ranks (neuron/replicated.py)."""
+    from neuron.replicated import CrossRankGatedRMSNorm, OneGroupConv, OneGroupInProj
+
+    _, column, _, _ = _layers()
+    bc = 2 * mixer.d_state
+    mixer.in_proj = OneGroupInProj(column, mixer.d_model, mixer.d_inner, mixer.nheads, bc,
+                                   mixer.in_proj.bias is not None, tp, dtype)
+    old = mixer.conv1d
+    mixer.conv1d = OneGroupConv(mixer.d_inner // tp, bc, old.kernel_size[0], old.bias is not None, dtype)
+    if mixer.norm is not None:
+        mixer.norm = CrossRankGatedRMSNorm(mixer.d_inner // tp, mixer.d_inner, mixer.norm.eps,
+                                           mixer.norm.norm_before_gate, dtype)
+    mixer.out_proj = _row(mixer.out_proj, dtype)
+
+
 def _swap_mixer(kind: str, mixer: nn.Module, config, tp: int, dtype) -> None:
-    if kind in (MAMBA2, MAMBA1, ATTENTION):
+    if kind == MAMBA2 and mixer.ngroups == 1 and tp > 1:
+        _swap_one_group_mamba2(mixer, tp, dtype)
+    elif kind in (MAMBA2, MAMBA1, ATTENTION):
         mixer.in_proj = _column(mixer.in_proj, dtype)
         mixer.out_proj = _row(mixer.out_proj, dtype)
     if kind == MLP:
         mixer.fc1 = _column(mixer.fc1, dtype)
         mixer.fc2 = _row(mixer.fc2, dtype)
-    if kind in (MAMBA2, MAMBA1):  # depthwise conv: this rank's channels, a plain Conv1d
+    if kind in (MAMBA2, MAMBA1) and isinstance(mixer.conv1d, nn.Conv1d):  # this rank's channels
         channels = local_attributes(kind, config, tp)
         conv_dim = channels.get("conv_dim", channels["d_inner"])
         old = mixer.conv1d
@@ -115,8 +133,8 @@ def parallelize(model: MambaLMHeadModel, tp: int) -> MambaLMHeadModel:
     embedding = model.backbone.embedding
     model.backbone.embedding = layers.ParallelEmbedding(embedding.num_embeddings, embedding.embedding_dim,
                                                         dtype=dtype)
-    model.lm_head = column(config.d_model, config.padded_vocab_size, bias=False,
-                                                gather_output=False, dtype=dtype)
+    model.lm_head = column(config.d_model, config.padded_vocab_size, bias=False, gather_output=False,
+                           dtype=dtype)
     for layer in model.backbone.layers:
         _swap_mixer(layer.kind, layer.mixer, config, tp, dtype)
         if layer.mlp is not None:
@@ -124,23 +142,28 @@ def parallelize(model: MambaLMHeadModel, tp: int) -> MambaLMHeadModel:
     model.tie_weights()
     model.lm_head._tied = config.tie_embeddings
 
-    plan = tp_plan(config)
-    for name, param in list(model.named_parameters(remove_duplicate=False)):
-        if name not in shard:
-            raise RuntimeError(f"{name}: parameter of the parallel model without a weight to load")
-        if tuple(param.shape) != tuple(shard[name].shape):  # a per-head tensor: this rank's slice
+    current = model.state_dict()
+    if set(current) != set(shard):
+        odd = sorted(set(current) ^ set(shard))[:3]
+        raise RuntimeError(f"parallel model and plan disagree on tensor names (e.g. {odd})")
+    for name, piece in shard.items():  # plain per-head tensors (A_log, D, dt_bias, norm): this rank's size
+        if current[name].shape != piece.shape:
             owner, _, leaf = name.rpartition(".")
             module = model.get_submodule(owner)
-            if isinstance(module, (layers.ColumnParallelLinear, layers.RowParallelLinear,
-                                   layers.ParallelEmbedding)):
-                raise RuntimeError(f"{name}: NxD shape {tuple(param.shape)} != {tuple(shard[name].shape)}")
-            param = nn.Parameter(torch.empty_like(shard[name], dtype=param.dtype))
-            setattr(module, leaf, param)
-        with torch.no_grad():
-            param.copy_(shard[name])
-        split = plan[name]
-        if split.dim is not None and not getattr(param, "tensor_model_parallel", False):
-            set_tensor_model_parallel_attributes(param, True, split.dim, 1, tp)
+            nxd_layer = isinstance(module, (layers.ColumnParallelLinear, layers.RowParallelLinear,
+                                            layers.ParallelEmbedding))
+            if nxd_layer or not isinstance(getattr(module, leaf, None), nn.Parameter):
+                raise RuntimeError(f"{name}: parallel shape {tuple(current[name].shape)} != plan "
+                                   f"{tuple(piece.shape)}")
+            setattr(module, leaf, nn.Parameter(torch.empty(piece.shape, dtype=current[name].dtype)))
+    model.load_state_dict(shard)
+
+    plan = tp_plan(config)
+    for name, param in model.named_parameters():
+        split = plan.get(name)
+        sharded = (split is not None and split.dim is not None) or name.endswith((".x_weight", ".x_bias"))
+        if sharded and not getattr(param, "tensor_model_parallel", False):
+            set_tensor_model_parallel_attributes(param, True, 0 if split is None else split.dim, 1, tp)
         if name in no_decay:
             param._no_weight_decay = True
     del nxd

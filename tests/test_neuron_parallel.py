@@ -29,6 +29,8 @@ CONFIG = dict(vocab_size=61, d_model=64, n_layer=5, layer_pattern="M*-mM", d_int
               pad_vocab_size_multiple=8,
               ssm_cfg={"d_state": 16, "headdim": 16, "ngroups": 2, "chunk_size": 16},
               attn_cfg={"num_heads": 4, "num_heads_kv": 2, "rotary_emb_dim": 8})
+# one B/C group (every state-spaces Mamba-2): B, C replicated, the gated norm summed across ranks
+ONE_GROUP = dict(CONFIG, ssm_cfg={"d_state": 16, "headdim": 16, "ngroups": 1, "chunk_size": 16, "bias": True})
 
 
 def batches(n: int, seed: int = 3):
@@ -63,15 +65,23 @@ def reference_steps(model, settings, steps):
 
 
 def worker(out_path: str) -> None:
-    from neuron import checkpoint
-    from neuron.config import parse_settings
-    from neuron.parallel import full_state_dict, gather_logits, lm_loss, parallelize
     from neuron.runtime import init_distributed
-    from neuron.trainer import train_step
 
     world = init_distributed(2)
     assert world.world_size == 2 and world.tp == 2 and world.mode == "cpu"
-    config = MambaConfig(**CONFIG)
+    results = {name: check(MambaConfig(**values), world, Path(out_path).parent / name)
+               for name, values in (("two_groups", CONFIG), ("one_group", ONE_GROUP))}
+    if world.rank == 0:
+        Path(out_path).write_text(json.dumps(results))
+    torch.distributed.barrier()
+
+
+def check(config: MambaConfig, world, folder: Path) -> dict:
+    from neuron import checkpoint
+    from neuron.config import parse_settings
+    from neuron.parallel import full_state_dict, gather_logits, lm_loss, parallelize
+    from neuron.trainer import train_step
+
     torch.manual_seed(0)
     full = MambaLMHeadModel(config)  # float32: NxD's ParallelEmbedding supports float32 / bfloat16 only
     for p in full.parameters():  # non-trivial norms and biases
@@ -123,14 +133,14 @@ def worker(out_path: str) -> None:
     results["weights_moved"] = min((v - before[k]).abs().max().item() for k, v in ref_after.items()
                                    if k.endswith("in_proj.weight"))
 
-    ckpt = os.path.join(os.path.dirname(out_path), "ckpt")
+    ckpt = str(folder / "ckpt")
     content = {"step": 2, "data": {}, "model_config": config.to_dict(), "tp": 2}
     checkpoint.save(ckpt, 2, tp_model, opt, content, keep_last=1)
     if world.rank == 0:
         from mamba.interop.native import write_native
 
-        native = Path(out_path).parent / "native"  # what `mamba.convert --from neuron` does
-        native.mkdir()
+        native = folder / "native"  # what `mamba.convert --from neuron` does
+        native.mkdir(parents=True)
         write_native(checkpoint.read_neuron(ckpt), native)
         converted = MambaLMHeadModel.from_pretrained(native)
         with torch.no_grad():
@@ -138,8 +148,7 @@ def worker(out_path: str) -> None:
             b = full(mb["input_ids"], seq_idx=mb["seq_idx"])
         results["converted_logits"] = (a - b).abs().max().item()
         results["tp_files"] = sorted(os.listdir(os.path.join(ckpt, "step_2", "model")))
-        Path(out_path).write_text(json.dumps(results))
-    torch.distributed.barrier()
+    return results
 
 
 def _skip_without_nxd():
@@ -163,7 +172,11 @@ def test_tp2_under_nxd_equals_the_plain_model(tmp_path):
     proc = subprocess.run(torchrun + [__file__, str(out)], env=env, cwd=tmp_path, capture_output=True,
                           text=True, timeout=280)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    r = json.loads(out.read_text())
+    for r in json.loads(out.read_text()).values():
+        _check_result(r)
+
+
+def _check_result(r: dict) -> None:
     assert r["logits"] < 2e-6, r
     assert r["loss"] < 2e-6, r
     assert r["grads_checked"] > 30 and r["grads"] < 2e-6 * max(1.0, r["grad_scale"]), r
@@ -175,8 +188,9 @@ def test_tp2_under_nxd_equals_the_plain_model(tmp_path):
 
 @pytest.mark.timeout(300)
 def test_tp2_training_run_resumes_bit_identically(tmp_path):
-    """torchrun neuron/train.py --tp 2 on the prepared tiny corpus (TP ranks read the same rows),
-    plain AdamW; the state on disk after a kill following step 2 resumes to the same weights."""
+    """torchrun neuron/train.py --tp 2: the tiny default (Mamba-2 with one B/C group) on the bundled
+    corpus (TP ranks read the same rows), plain AdamW; the state on disk after a kill following
+    step 2 resumes to the same weights."""
     from data import TINY_CORPUS
     from data.prepare import prepare
     from neuron.checkpoint import read_neuron_checkpoint
@@ -184,7 +198,7 @@ def test_tp2_training_run_resumes_bit_identically(tmp_path):
     prepare([str(TINY_CORPUS)], str(tmp_path / "data"), 256, progress=False)
     env = dict(os.environ, NXD_CPU_MODE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     env.pop("PJRT_DEVICE", None)
-    args = ["model.ssm_cfg={d_state: 32, headdim: 32, chunk_size: 64, ngroups: 2}", "--tp", "2",
+    args = ["--tp", "2",
             "--data", str(tmp_path / "data"), "--max-steps", "3", "--micro-batch", "2", "--grad-accum", "2",
             "--log-every", "1", "--checkpoint-every", "1", "--metrics-file", "m.jsonl"]
 

@@ -170,10 +170,9 @@ def test_tp_the_model_cannot_take_is_refused(capsys, tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("WORLD_SIZE", "2")
-    # yamls/tiny.yaml: Mamba-2 with ngroups 1 cannot split its B/C groups two ways
-    assert main(["--tp", "2", "--grad-accum", "1"]) == 2
+    assert main(["--tp", "2", "--grad-accum", "1", "model.attn_cfg={num_heads: 4, num_heads_kv: 1}"]) == 2
     err = capsys.readouterr().err.strip()
-    assert "ngroups=1 is not divisible by tp=2" in err and "\n" not in err, err
+    assert "num_heads_kv=1 not divisible by tp=2" in err and "\n" not in err, err
 
 
 def test_reading_a_folder_that_is_no_neuron_checkpoint_is_one_clear_error(tmp_path):

@@ -31,6 +31,8 @@ CONFIGS = {
     "hybrid_untied_bias": hybrid_config(tie_embeddings=False, mlp_activation="gelu",
                                         ssm_cfg={"d_state": 8, "headdim": 16, "ngroups": 4, "bias": True,
                                                  "D_has_hdim": True, "chunk_size": 16}),
+    "ngroups1_replicated_BC": hybrid_config(ssm_cfg={"d_state": 16, "headdim": 16, "ngroups": 1,
+                                                     "bias": True}),
     "state_spaces_mlp": MambaConfig(vocab_size=40, d_model=32, n_layer=2, d_intermediate=64,
                                     ssm_cfg={"layer": "Mamba2", "d_state": 8, "headdim": 8, "ngroups": 2},
                                     attn_layer_idx=[1], attn_cfg={"num_heads": 2}),
@@ -78,14 +80,33 @@ def test_mamba2_rank_rows_are_z_x_B_C_dt_of_its_heads_and_groups():
 
 
 @pytest.mark.parametrize("bad, match", [
-    (dict(ssm_cfg={"d_state": 16, "headdim": 16, "ngroups": 1}), "ngroups=1 is not divisible by tp=2"),
+    (dict(ssm_cfg={"d_state": 16, "headdim": 16, "ngroups": 4}, layer_pattern="MM-MM"),
+     "ngroups=4 is not divisible by tp=8"),
+    (dict(d_model=48, ssm_cfg={"d_state": 16, "headdim": 16, "ngroups": 1}, layer_pattern="MM-MM"),
+     "heads d_inner/headdim=6 not divisible by tp=8"),
     (dict(attn_cfg={"num_heads": 3, "num_heads_kv": 3, "head_dim": 16}), "num_heads_kv=3"),
     (dict(pad_vocab_size_multiple=1), "pad_vocab_size_multiple"),
 ])
 def test_unsplittable_configs_are_refused_with_the_fix(bad, match):
+    tp = 8 if "tp=8" in match else 2
+    config = hybrid_config(**bad)
     with pytest.raises(ValueError, match=match):
-        check_tp(hybrid_config(**bad), 2)
-    check_tp(hybrid_config(**bad), 1)
+        check_tp(config, tp)
+    check_tp(config, 1)
+
+
+def test_one_group_keeps_B_and_C_whole_on_every_rank():
+    config = hybrid_config(ssm_cfg={"d_state": 16, "headdim": 16, "ngroups": 1}, layer_pattern="MM-MM")
+    check_tp(config, 8)  # 8 heads: 8 ranks, each with one head and all of B, C
+    d_inner, n, nheads = 128, 16, 8
+    w = torch.arange(2 * d_inner + 2 * n + nheads, dtype=torch.float32)[:, None]
+    rows = shard_state_dict({"backbone.layers.0.mixer.in_proj.weight": w}, config, 8, 3)
+    got = rows["backbone.layers.0.mixer.in_proj.weight"][:, 0].long().tolist()
+    z, x = list(range(48, 64)), list(range(128 + 48, 128 + 64))
+    bc = list(range(256, 256 + 2 * n))
+    assert got == z + x + bc + [256 + 2 * n + 3]
+    assert local_attributes("M", config, 8) == {"d_inner": 16, "nheads": 1, "ngroups": 1, "norm_groups": 1,
+                                                "conv_dim": 16 + 2 * n}
 
 
 # ---- a sharded forward, all ranks simulated in one process ------------------------------------

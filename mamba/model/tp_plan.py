@@ -2,10 +2,13 @@
 
 Every parameter of `MambaLMHeadModel` has a `Split`: `dim=None` (replicated on every rank) or a
 dimension cut into `segments`. Each segment is divided evenly and rank r takes the r-th piece of
-every segment, in order. Mamba-2's in_proj rows are [z | x | B | C | dt], so rank r holds
-[z_r | x_r | B_r | C_r | dt_r]: its own heads (z, x, dt) and its own groups (B, C). The grouped
-gated RMSNorm then normalises each group on the rank that owns it, and out_proj (cut along its
-input) is the one reduction per mixer. Attention splits by KV groups, the MLP as fc1 column /
+every segment, in order (a `replicated` segment is kept whole on every rank). Mamba-2's in_proj
+rows are [z | x | B | C | dt], so rank r holds [z_r | x_r | B_r | C_r | dt_r]: its own heads (z,
+x, dt) and its own groups (B, C). The grouped gated RMSNorm then normalises each group on the
+rank that owns it, and out_proj (cut along its input) is the one reduction per mixer. With
+ngroups=1 (every state-spaces Mamba-2) B and C are replicated instead: each rank computes them
+whole, their gradients are summed over ranks, and the norm (now over all d_inner channels) adds
+one cross-rank sum of squares. Attention splits by KV groups, the MLP as fc1 column /
 fc2 row, the embedding and LM head along the vocabulary (a tied head stays the embedding).
 
 neuron/parallel.py applies this plan with neuronx-distributed's layers; `shard_state_dict` /
@@ -30,6 +33,7 @@ class Split:
 
     dim: int | None = None
     segments: tuple[int, ...] = ()
+    replicated: tuple[int, ...] = ()  # indices of segments every rank holds whole
     # Only Mamba-1's x_proj: cut along its input, but each rank's output is a partial sum.
     partial_output: bool = False
 
@@ -37,12 +41,12 @@ class Split:
 REPLICATED = Split()
 
 
-def _rows(*segments: int) -> Split:
-    return Split(0, tuple(segments))
+def _rows(*segments: int, replicated: tuple[int, ...] = ()) -> Split:
+    return Split(0, tuple(segments), replicated)
 
 
 def _cols(size: int, partial_output: bool = False) -> Split:
-    return Split(1, (size,), partial_output)
+    return Split(1, (size,), partial_output=partial_output)
 
 
 def _mlp_hidden(config: MambaConfig) -> int:
@@ -59,13 +63,17 @@ def _mixer_plan(kind: str, config: MambaConfig) -> dict[str, Split]:
         o = config.ssm_options(MAMBA2)
         di = o["expand"] * d
         h, gn = di // o["headdim"], o["ngroups"] * o["d_state"]
-        plan = {"in_proj.weight": _rows(di, di, gn, gn, h), "conv1d.weight": _rows(di, gn, gn),
+        bc = (2, 3) if o["ngroups"] == 1 else ()  # one group: B and C replicated (module doc)
+        conv_bc = (1, 2) if o["ngroups"] == 1 else ()
+        plan = {"in_proj.weight": _rows(di, di, gn, gn, h, replicated=bc),
+                "conv1d.weight": _rows(di, gn, gn, replicated=conv_bc),
                 "dt_bias": _rows(h), "A_log": _rows(h), "D": _rows(di if o["D_has_hdim"] else h),
                 "out_proj.weight": _cols(di)}
         if o["bias"]:
-            plan.update({"in_proj.bias": _rows(di, di, gn, gn, h), "out_proj.bias": REPLICATED})
+            plan.update({"in_proj.bias": _rows(di, di, gn, gn, h, replicated=bc),
+                         "out_proj.bias": REPLICATED})
         if o["conv_bias"]:
-            plan["conv1d.bias"] = _rows(di, gn, gn)
+            plan["conv1d.bias"] = _rows(di, gn, gn, replicated=conv_bc)
         if o["rmsnorm"]:
             plan["norm.weight"] = _rows(di)
         return plan
@@ -107,15 +115,19 @@ def check_tp(config: MambaConfig, tp: int) -> None:
     kinds = set(config.layer_kinds())
     if MAMBA2 in kinds:
         o = config.ssm_options(MAMBA2)
-        if o.get("norm_across_channels"):
+        nheads = o["expand"] * config.d_model // o["headdim"]
+        if o.get("norm_across_channels") and o["ngroups"] > 1:
             raise ValueError(f"ssm_cfg.norm_across_channels=true (transformers < 5's Mamba-2) normalises "
                              f"over all d_inner channels, which tp={tp} would split: train it with --tp 1, "
                              f"or use norm_across_channels: false (per-group norm) for a new model")
-        if o["ngroups"] % tp:  # nheads is a multiple of ngroups, so its heads split too
+        if o["ngroups"] > 1 and o["ngroups"] % tp:  # nheads is a multiple of ngroups: heads split too
             raise ValueError(
                 f"ssm_cfg.ngroups={o['ngroups']} is not divisible by tp={tp}: Mamba-2 splits its B/C "
                 f"groups and its grouped gate norm across ranks (so TP is exact); use --tp dividing "
-                f"{o['ngroups']}, or a model with ngroups a multiple of {tp}")
+                f"{o['ngroups']}, or a model with ngroups 1 or a multiple of {tp}")
+        if nheads % tp:
+            raise ValueError(f"Mamba-2 heads d_inner/headdim={nheads} not divisible by tp={tp}: "
+                             f"use --tp dividing {nheads}")
     if MAMBA1 in kinds:
         di = config.ssm_options(MAMBA1)["expand"] * config.d_model
         if di % tp:
@@ -153,7 +165,7 @@ def local_attributes(kind: str, config: MambaConfig, tp: int) -> dict[str, int]:
     if kind == MAMBA2:
         o = config.ssm_options(MAMBA2)
         di = o["expand"] * config.d_model // tp
-        ngroups = o["ngroups"] // tp
+        ngroups = max(1, o["ngroups"] // tp)
         return {"d_inner": di, "nheads": di // o["headdim"], "ngroups": ngroups, "norm_groups": ngroups,
                 "conv_dim": di + 2 * ngroups * o["d_state"]}
     if kind == MAMBA1:
@@ -172,8 +184,8 @@ def shard_tensor(tensor: torch.Tensor, split: Split, tp: int, rank: int) -> torc
         raise ValueError(f"tensor of shape {tuple(tensor.shape)} does not match segments "
                          f"{split.segments} along dim {split.dim}")
     pieces = []
-    for segment in tensor.split(list(split.segments), dim=split.dim):
-        pieces.append(segment.chunk(tp, dim=split.dim)[rank])
+    for i, segment in enumerate(tensor.split(list(split.segments), dim=split.dim)):
+        pieces.append(segment if i in split.replicated else segment.chunk(tp, dim=split.dim)[rank])
     return torch.cat(pieces, dim=split.dim).contiguous()
 
 
@@ -182,9 +194,11 @@ def merge_tensor(pieces: list[torch.Tensor], split: Split) -> torch.Tensor:
     if split.dim is None or len(pieces) == 1:
         return pieces[0].clone()
     tp = len(pieces)
-    local = [s // tp for s in split.segments]
+    local = [s if i in split.replicated else s // tp for i, s in enumerate(split.segments)]
     per_rank = [piece.split(local, dim=split.dim) for piece in pieces]
-    segments = [torch.cat([per_rank[r][s] for r in range(tp)], dim=split.dim) for s in range(len(local))]
+    segments = [per_rank[0][s] if s in split.replicated else torch.cat([per_rank[r][s] for r in range(tp)],
+                                                                       dim=split.dim)
+                for s in range(len(local))]
     return torch.cat(segments, dim=split.dim).contiguous()
 
 
