@@ -1,7 +1,8 @@
 """Kernels for Mamba-family models: one dispatch point per op.
 
 Each public function picks an implementation by device and availability:
-  * CUDA tensors with mamba_ssm / causal_conv1d installed -> their CUDA/Triton kernels;
+  * CUDA tensors -> mamba_ssm / causal_conv1d kernels for the calls they handle, else our Triton
+    kernels (kernels/triton), else torch;
   * CPU tensors -> our torch paths (and compiled C for the Mamba-1 scan and for decoding);
   * XLA tensors with the Neuron compiler (neuronxcc) -> NKI kernels (kernels/nki) for the SSD scan,
     the causal conv and the gated norm;
@@ -12,6 +13,7 @@ The torch paths are tested against the sequential float64 recurrences in kernels
 from kernels.dispatch import (
     add_rms_norm,
     backend_for,
+    backends_for,
     causal_conv1d_fn,
     causal_conv1d_update,
     decoding_threads,
@@ -32,6 +34,7 @@ from kernels.norm import rms_norm
 __all__ = [
     "add_rms_norm",
     "backend_for",
+    "backends_for",
     "causal_conv1d_fn",
     "causal_conv1d_update",
     "decoding_threads",

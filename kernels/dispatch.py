@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels import decode
+from kernels import triton as triton_kernels  # imports neither triton nor a GPU driver
 from kernels.conv1d import (
     causal_conv1d_torch,
     causal_conv1d_update_torch,
@@ -36,6 +37,7 @@ def _has(module: str) -> bool:
 
 _HAS_MAMBA_SSM = _has("mamba_ssm")
 _HAS_CAUSAL_CONV1D = _has("causal_conv1d")
+_HAS_TRITON = triton_kernels.available()
 
 
 # Fast backends per device type, in order of preference, and the ops each one provides.
@@ -45,7 +47,9 @@ _CUDA_BACKENDS: tuple[tuple[str, frozenset[str]], ...] = (
         (["conv1d", "conv1d_update"] if _HAS_CAUSAL_CONV1D else [])
         + (["ssd", "scan", "state_update"] if _HAS_MAMBA_SSM else [])
         + (["inner", "split_scan"] if _HAS_MAMBA_SSM and _HAS_CAUSAL_CONV1D else []))),
+    ("triton", frozenset(["ssd", "scan", "conv1d"] if _HAS_TRITON else [])),
 )
+_FORCEABLE = ("torch", "triton", "cuda-ext")
 _BACKENDS_BY_DEVICE = {"cuda": _CUDA_BACKENDS}
 
 
@@ -55,16 +59,25 @@ def _xla_backends() -> tuple[tuple[str, frozenset[str]], ...]:
     return (("nki", frozenset({"ssd", "conv1d", "norm_gated"})),) if nki_available() else ()
 
 
-def backend_for(op: str, device: torch.device) -> str:
-    """The first backend for this device type that provides op ('cuda-ext' = mamba_ssm /
-    causal_conv1d), else 'torch'. MAMBA_KERNELS=torch forces torch."""
-    if os.environ.get("MAMBA_KERNELS") == "torch":
-        return "torch"
+def backends_for(op: str, device: torch.device) -> list[str]:
+    """The backends for this device type that provide op, in order of preference ('cuda-ext' =
+    mamba_ssm / causal_conv1d, 'triton' = kernels/triton), then 'torch'. Each op uses the first
+    that handles its call exactly. MAMBA_KERNELS=torch|triton|cuda-ext keeps only that one (and
+    torch, for the calls it does not handle)."""
+    forced = os.environ.get("MAMBA_KERNELS") or None
+    if forced is not None and forced not in _FORCEABLE:
+        raise ValueError(f"MAMBA_KERNELS={forced!r} is not a backend; use one of {', '.join(_FORCEABLE)} "
+                         "or leave it unset")
+    if forced == "torch":
+        return ["torch"]
     backends = _xla_backends() if device.type == "xla" else _BACKENDS_BY_DEVICE.get(device.type, ())
-    for name, ops in backends:
-        if op in ops:
-            return name
-    return "torch"
+    names = [name for name, ops in backends if op in ops and forced in (None, name)]
+    return names + ["torch"]
+
+
+def backend_for(op: str, device: torch.device) -> str:
+    """The preferred backend for op on this device (see backends_for)."""
+    return backends_for(op, device)[0]
 
 
 def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None,
@@ -81,14 +94,21 @@ def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bia
 
         return mamba_chunk_scan_combined_nki(x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias,
                                              seq_idx=seq_idx, dt_softplus=dt_softplus, dt_limit=dt_limit)
+    backends = backends_for("ssd", x.device)
     # mamba_ssm reads cu_seqlens only for varlen states; without seq_idx we give ours (no leaks).
-    if backend_for("ssd", x.device) == "cuda-ext" and (cu_seqlens is None or seq_idx is not None):
+    if "cuda-ext" in backends and (cu_seqlens is None or seq_idx is not None):
         from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined as ext
 
         varlen = dict(cu_seqlens=cu_seqlens, return_varlen_states=True) if return_varlen_states else {}
         return ext(x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias,
                    initial_states=initial_states, seq_idx=seq_idx, dt_softplus=dt_softplus,
                    dt_limit=dt_limit, return_final_states=return_final_states, **varlen)
+    if ("triton" in backends and not return_varlen_states
+            and triton_kernels.usable(x, dt, A, B, C, D, z, dt_bias, initial_states)):
+        return triton_kernels.mamba_chunk_scan_combined_triton(
+            x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias, initial_states=initial_states,
+            seq_idx=seq_idx, cu_seqlens=cu_seqlens, dt_softplus=dt_softplus, dt_limit=dt_limit,
+            return_final_states=return_final_states)
     return mamba_chunk_scan_combined_torch(x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias,
                                            initial_states=initial_states, seq_idx=seq_idx,
                                            cu_seqlens=cu_seqlens, dt_softplus=dt_softplus,
@@ -101,12 +121,18 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
     """Mamba-1 scan. u/delta/z [b,d,l], A [d,n] (real), B/C [d,n] (constant), [b,n,l] or [b,g,n,l],
     D/delta_bias [d]; cu_seqlens [num_seqs+1] or seq_idx [b,l] reset the state between documents."""
     check_scan_args(u, delta, A, B, C, D, z, delta_bias, seq_idx, cu_seqlens)
-    if seq_idx is None and cu_seqlens is None and backend_for("scan", u.device) == "cuda-ext":
+    backends = backends_for("scan", u.device)
+    if seq_idx is None and cu_seqlens is None and "cuda-ext" in backends:
         # mamba_ssm's released CUDA scan has no document resets; with them we use our own path.
         from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as ext
 
         return ext(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
                    delta_softplus=delta_softplus, return_last_state=return_last_state)
+    if "triton" in backends and triton_kernels.usable(u, delta, A, B, C, D, z, delta_bias):
+        return triton_kernels.selective_scan_triton(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
+                                                    delta_softplus=delta_softplus,
+                                                    return_last_state=return_last_state,
+                                                    cu_seqlens=cu_seqlens, seq_idx=seq_idx)
     return selective_scan_torch(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
                                 delta_softplus=delta_softplus, return_last_state=return_last_state,
                                 cu_seqlens=cu_seqlens, seq_idx=seq_idx)
@@ -166,7 +192,8 @@ def causal_conv1d_fn(x, weight, bias=None, seq_idx=None, initial_states=None,
         from kernels.nki.autograd import causal_conv1d_fn_nki
 
         return causal_conv1d_fn_nki(x, weight, bias, seq_idx=seq_idx, activation=activation)
-    if backend_for("conv1d", x.device) == "cuda-ext" and _ext_conv_handles(
+    backends = backends_for("conv1d", x.device)
+    if "cuda-ext" in backends and _ext_conv_handles(
             x, weight, bias, seq_idx, initial_states, return_final_states, final_states_out):
         from causal_conv1d import causal_conv1d_fn as ext
 
@@ -178,6 +205,11 @@ def causal_conv1d_fn(x, weight, bias=None, seq_idx=None, initial_states=None,
             return out
         # causal_conv1d before 1.5 computes padding positions (seq_idx < 0) too; they are 0 here.
         return out * (seq_idx >= 0).unsqueeze(1).to(out.dtype)
+    if "triton" in backends and triton_kernels.usable(x, weight, bias, initial_states, final_states_out):
+        return triton_kernels.causal_conv1d_triton(x, weight, bias, seq_idx=seq_idx,
+                                                   initial_states=initial_states,
+                                                   return_final_states=return_final_states,
+                                                   final_states_out=final_states_out, activation=activation)
     return causal_conv1d_torch(x, weight, bias, seq_idx=seq_idx, initial_states=initial_states,
                                return_final_states=return_final_states, final_states_out=final_states_out,
                                activation=activation)

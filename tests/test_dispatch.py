@@ -58,3 +58,25 @@ def test_xla_without_the_neuron_compiler_uses_torch() -> None:
     assert not nki_available()
     for op in ("ssd", "conv1d", "norm_gated", "scan"):
         assert backend_for(op, torch.device("xla")) == "torch"
+
+
+def test_cuda_backends_in_order_and_forced(monkeypatch):
+    import pytest
+
+    from kernels import triton as triton_kernels
+    from kernels.dispatch import _HAS_MAMBA_SSM, backends_for
+
+    cuda = torch.device("cuda")  # a device object; no GPU needed to ask
+    monkeypatch.delenv("MAMBA_KERNELS", raising=False)
+    ext = ["cuda-ext"] if _HAS_MAMBA_SSM else []
+    ours = ["triton"] if triton_kernels.available() else []
+    assert backends_for("scan", cuda) == ext + ours + ["torch"]
+    assert backends_for("state_update", cuda) == ext + ["torch"]  # no Triton kernel for it
+    monkeypatch.setenv("MAMBA_KERNELS", "triton")
+    assert backends_for("scan", cuda) == ours + ["torch"]
+    assert backends_for("scan", torch.device("cpu")) == ["torch"]
+    monkeypatch.setenv("MAMBA_KERNELS", "cuda-ext")
+    assert backends_for("ssd", cuda) == ext + ["torch"]
+    monkeypatch.setenv("MAMBA_KERNELS", "fast")
+    with pytest.raises(ValueError, match="MAMBA_KERNELS='fast'"):
+        backends_for("scan", cuda)
