@@ -367,7 +367,7 @@ def finish(cfg: TrainConfig, derived: dict, weights: dict) -> None:
         model.save_pretrained(cfg.export_folder)
         print(f"model saved to {cfg.export_folder} (MambaLMHeadModel.from_pretrained)")
     if cfg.sample:
-        tok = load_tokenizer(derived["meta"].tokenizer)
+        tok = load_tokenizer(derived["meta"].tokenizer, derived["meta"].eos_token_id)
         text = sample_text(model, tok, cfg.sample, derived["meta"].eos_token_id)
         print(f"sample: {cfg.sample.prompt}{text!r}")
 
