@@ -38,7 +38,6 @@ def all_reduce_tp(tensor: torch.Tensor) -> torch.Tensor:
 
 def sum_gradients_over_ranks(param: nn.Parameter) -> nn.Parameter:
     param.register_hook(all_reduce_tp)
-    param._tp_summed_grad = True
     return param
 
 
