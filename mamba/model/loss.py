@@ -84,7 +84,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         want_w = grads and weight.requires_grad
         want_b = grads and bias is not None and bias.requires_grad
         grad_h = torch.empty_like(hidden) if want_h else None
-        grad_w = torch.zeros_like(weight) if want_w else None
+        # summed over chunks: in fp32 at least, cast to the weight's dtype at the end
+        grad_w = torch.zeros(weight.shape, dtype=torch.promote_types(weight.dtype, acc),
+                             device=weight.device) if want_w else None
         grad_b = torch.zeros_like(bias) if want_b else None
         loss_sum = torch.zeros((), dtype=acc, device=hidden.device)
         n_correct = torch.zeros((), dtype=torch.int64, device=hidden.device)
@@ -112,12 +114,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     grad_h[start:end] = torch.mm(probs.to(cd), w)
                 if want_w:
                     if grad_w.dtype == cd:
-                        grad_w[:vocab].addmm_(probs.t().to(cd), h_c)
+                        grad_w[:vocab].addmm_(probs.t(), h_c)
                     else:
                         grad_w[:vocab] += torch.mm(probs.t().to(cd), h_c)
                 if want_b:
                     grad_b[:vocab] += probs.sum(0)
-        ctx.grads = (grad_h, grad_w, grad_b)
+        ctx.grads = (grad_h, None if grad_w is None else grad_w.to(weight.dtype), grad_b)
         loss = loss_sum * scale
         ctx.mark_non_differentiable(loss_sum, n_tokens, n_correct)
         return loss, loss_sum, n_tokens, n_correct
