@@ -103,6 +103,25 @@ def _positive(name: str, value, allow_zero: bool = False) -> None:
         raise ConfigError(f"{name} {value}: must be {'>= 0' if allow_zero else '> 0'}")
 
 
+def _check_init_from(folder: str, model: MambaConfig) -> None:
+    """A native (save_pretrained / mamba.convert) folder whose architecture is the YAML's model."""
+    import json
+
+    path = Path(folder, "config.json")
+    if not path.is_file():
+        raise ConfigError(f"--init-from {folder}: no config.json there (a save_pretrained / mamba.convert "
+                          f"--to native folder)")
+    try:
+        theirs = MambaConfig.from_dict(json.loads(path.read_text())).to_dict()
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"--init-from {folder}: {err}") from None
+    ours = model.to_dict()
+    differ = [f"{k}: {theirs[k]!r} there, {ours[k]!r} in the YAML" for k in ours if theirs.get(k) != ours[k]]
+    if differ:
+        raise ConfigError(f"--init-from {folder} has a different architecture ({'; '.join(differ[:3])}); "
+                          f"use its model: section")
+
+
 def parse_settings(argv: list[str], world_size: int = 1) -> Settings:
     """argv (without the program name) -> Settings, or a one-line ConfigError."""
     args = build_parser().parse_args(argv)
@@ -147,14 +166,16 @@ def parse_settings(argv: list[str], world_size: int = 1) -> Settings:
     else:
         raise ConfigError("the YAML gives data.n_total_tokens, not max_duration: give --max-steps")
     data = args.data or cfg.data.local
-    if args.init_from and not Path(args.init_from, "config.json").is_file():
-        raise ConfigError(f"--init-from {args.init_from}: no config.json there (a save_pretrained folder)")
+    model = cfg.model.mamba_config()
+    init_from = args.init_from or cfg.model.init_from
+    if init_from:
+        _check_init_from(init_from, model)
     checkpoint_dir = args.checkpoint_dir or os.path.join("runs", cfg.run_name, "neuron-checkpoints")
     if args.resume and not args.checkpoint_dir and not os.path.isdir(checkpoint_dir):
         raise ConfigError(f"--resume: no checkpoints in {checkpoint_dir}; give --checkpoint-dir")
     keep = args.keep_last if args.keep_last is not None else cfg.save_num_checkpoints_to_keep
     return Settings(
-        config_path=args.config, model=cfg.model.mamba_config(), data=data, remote=cfg.data.remote,
+        config_path=args.config, model=model, data=data, remote=cfg.data.remote,
         seq_len=seq_len,
         micro_batch=micro, global_batch=global_batch, grad_accum=accum, tp=args.tp, zero1=args.zero1,
         dtype=args.dtype, max_steps=max_steps, lr=args.lr or cfg.optimizer.lr,
@@ -167,5 +188,5 @@ def parse_settings(argv: list[str], world_size: int = 1) -> Settings:
         seed=cfg.seed if args.seed is None else args.seed, shuffle=cfg.data.shuffle,
         checkpoint_dir=checkpoint_dir,
         checkpoint_every=args.checkpoint_every or _steps(cfg.save_interval, "save_interval"),
-        keep_last=None if keep in (-1, 0) else keep, resume=args.resume, init_from=args.init_from,
+        keep_last=None if keep in (-1, 0) else keep, resume=args.resume, init_from=init_from,
         log_every=args.log_every, metrics_file=args.metrics_file)

@@ -191,3 +191,51 @@ def test_slurm_script_parses_and_launches_neuron_train():
     subprocess.run(["bash", "-n", str(script)], check=True)
     text = script.read_text()
     assert "torchrun" in text and "neuron/train.py" in text and "--nnodes" in text
+
+
+def _tiny_model(seed: int, **changes):
+    from mamba.model import MambaLMHeadModel
+    from mamba.train_config import load_yaml, parse_config
+    from neuron.config import DEFAULT_CONFIG
+
+    config = parse_config(load_yaml(str(DEFAULT_CONFIG))).model.mamba_config()
+    for key, value in changes.items():
+        setattr(config, key, value)
+    torch.manual_seed(seed)
+    return MambaLMHeadModel(config)
+
+
+def test_init_from_another_architecture_exits_2(capsys, tmp_path, monkeypatch):
+    from neuron.train import main
+
+    _tiny_model(0, d_intermediate=512).save_pretrained(tmp_path / "other")
+    monkeypatch.chdir(tmp_path)
+    assert main(["--init-from", str(tmp_path / "other")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err, err
+    assert "different architecture (d_intermediate: 512 there, 256 in the YAML)" in err, err
+
+
+@pytest.mark.timeout(200)
+def test_init_from_a_native_folder_starts_from_its_weights(tmp_path):
+    """One gloo process (NXD_CPU_MODE=1): one step at a negligible lr from a saved model."""
+    _needs_nxd()
+    from data import TINY_CORPUS
+    from data.prepare import prepare
+    from neuron.checkpoint import read_neuron_checkpoint
+
+    prepare([str(TINY_CORPUS)], str(tmp_path / "data"), 256, progress=False)
+    start = _tiny_model(123)
+    start.save_pretrained(tmp_path / "start")
+    env = dict(_env(), NXD_CPU_MODE="1")
+    env.pop("PJRT_DEVICE")
+    proc = subprocess.run([sys.executable, TRAIN, "--init-from", str(tmp_path / "start"), "--data",
+                           str(tmp_path / "data"), "--max-steps", "1", "--lr", "1e-9", "--micro-batch", "1",
+                           "--grad-accum", "1", "--checkpoint-every", "1", "--checkpoint-dir", "ck"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    _, trained = read_neuron_checkpoint(tmp_path / "ck")
+    fresh = _tiny_model(17).state_dict()  # what the run would start from without --init-from
+    wanted = start.state_dict()
+    assert max((trained[k] - v).abs().max().item() for k, v in wanted.items()) < 1e-6
+    assert max((fresh[k] - v).abs().max().item() for k, v in wanted.items()) > 1e-2
