@@ -46,6 +46,7 @@ class Settings:
     keep_last: int | None
     resume: bool
     init_from: str | None
+    activation_checkpointing: bool
     log_every: int
     metrics_file: str | None
 
@@ -189,4 +190,5 @@ def parse_settings(argv: list[str], world_size: int = 1) -> Settings:
         checkpoint_dir=checkpoint_dir,
         checkpoint_every=args.checkpoint_every or _steps(cfg.save_interval, "save_interval"),
         keep_last=None if keep in (-1, 0) else keep, resume=args.resume, init_from=init_from,
+        activation_checkpointing=cfg.model.activation_checkpointing,
         log_every=args.log_every, metrics_file=args.metrics_file)

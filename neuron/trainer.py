@@ -29,7 +29,31 @@ def build_model(s: Settings, world: World) -> MambaLMHeadModel:
     model = parallelize(model, s.tp)
     if s.dtype == "bfloat16":
         model.to(torch.bfloat16)
+    if s.activation_checkpointing:
+        checkpoint_blocks(model, world)
     return model.to(world.device)
+
+
+def checkpoint_blocks(model: MambaLMHeadModel, world: World) -> None:
+    """Recompute each block in backward (the YAML's model.activation_checkpointing). The blocks'
+    forward is wrapped in place, so parameter names, and with them checkpoints, do not change.
+    On XLA, torch_xla's checkpoint (its optimisation barrier keeps the compiler from merging the
+    recomputation back into the forward)."""
+    if world.mode == CPU:
+        from torch.utils.checkpoint import checkpoint
+
+        def run(fn, *args):
+            return checkpoint(fn, *args, use_reentrant=False)
+    else:
+        from torch_xla.utils.checkpoint import checkpoint as run
+
+    for layer in model.backbone.layers:
+        def forward(hidden, residual, seq_idx=None, cache=None, _block=layer.forward):
+            if cache is not None or not torch.is_grad_enabled():
+                return _block(hidden, residual, seq_idx=seq_idx, cache=cache)
+            return run(_block, hidden, residual, seq_idx)
+
+        layer.forward = forward
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
