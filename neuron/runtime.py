@@ -1,9 +1,9 @@
 """Where neuron/ runs and how it joins its ranks.
 
 Three modes, chosen by the environment the Neuron SDK and torchrun already use:
-  * neuron  — trn1/trn2 (PJRT_DEVICE=NEURON, set by the Neuron venv): XLA devices, `xla` backend.
-  * xla_cpu — PJRT_DEVICE=CPU without NXD_CPU_MODE: torch-xla's CPU device, one process only
-              (it has no cross-process collectives: 2 ranks would run silently unconnected).
+  * neuron  — trn1/trn2 (the Neuron SDK installed; PJRT_DEVICE=NEURON): XLA devices, `xla` backend.
+  * xla_cpu — PJRT_DEVICE=CPU, or no Neuron SDK and no PJRT_DEVICE: torch-xla's CPU device, one
+              process only (it has no cross-process collectives: 2 ranks would run unconnected).
   * cpu     — NXD_CPU_MODE=1: neuronx-distributed's CPU mode, plain CPU tensors, gloo; real
               multi-rank tensor parallelism (how the TP tests run without Trainium).
 
@@ -26,10 +26,24 @@ import torch
 NEURON, XLA_CPU, CPU = "neuron", "xla_cpu", "cpu"
 
 
+_SDK: list[bool] = []
+
+
+def neuron_sdk_present() -> bool:
+    """torch-neuronx installed (decided once, before any stand-in is registered)."""
+    if not _SDK:
+        try:
+            _SDK.append(importlib.util.find_spec("torch_neuronx") is not None)
+        except ValueError:  # a module without a spec: a stand-in
+            _SDK.append(False)
+    return _SDK[0]
+
+
 def mode() -> str:
     if int(os.environ.get("NXD_CPU_MODE", "0") or 0) > 0:
         return CPU
-    if os.environ.get("PJRT_DEVICE", "") == "CPU":
+    device = os.environ.get("PJRT_DEVICE")
+    if device == "CPU" or (device is None and not neuron_sdk_present()):
         return XLA_CPU
     return NEURON
 
@@ -59,7 +73,7 @@ class _CollectivesConfig:
 def _stand_in_for_neuron_sdk() -> bool:
     """Register stand-ins when the Neuron SDK is missing; True if it did. Never defines
     libneuronxla.libneuronpjrt_path (torch_xla would switch itself to Neuron mode)."""
-    if "torch_neuronx" in sys.modules or importlib.util.find_spec("torch_neuronx") is not None:
+    if neuron_sdk_present() or "torch_neuronx" in sys.modules:
         return False
     _module("torch_neuronx")
     _module("torch_neuronx.utils", get_platform_target=lambda: "trn1")

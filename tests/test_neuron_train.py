@@ -23,10 +23,12 @@ import torch  # noqa: E402
 TRAIN = str(ROOT / "neuron" / "train.py")
 
 
-def _env():
-    env = dict(os.environ, PJRT_DEVICE="CPU", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    for key in ("NXD_CPU_MODE", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
+def _env(pjrt_device: str | None = "CPU"):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    for key in ("NXD_CPU_MODE", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "PJRT_DEVICE"):
         env.pop(key, None)
+    if pjrt_device:
+        env["PJRT_DEVICE"] = pjrt_device
     return env
 
 
@@ -91,7 +93,8 @@ def _metrics(path: Path) -> list[dict]:
 
 @pytest.mark.timeout(400)
 def test_tiny_default_trains_checkpoints_and_resumes_bit_identically(tmp_path):
-    """`python neuron/train.py` in a fresh folder: prepares the bundled corpus, trains the tiny hybrid."""
+    """`python neuron/train.py` in a fresh folder: prepares the bundled corpus, trains the tiny hybrid
+    (no PJRT_DEVICE: without the Neuron SDK it picks torch-xla's CPU device itself)."""
     _needs_nxd()
     from neuron.checkpoint import read_neuron_checkpoint
 
@@ -100,7 +103,7 @@ def test_tiny_default_trains_checkpoints_and_resumes_bit_identically(tmp_path):
     run_a = tmp_path / "a"
     run_a.mkdir()
     proc = subprocess.run([sys.executable, TRAIN, *common, "--metrics-file", "m.jsonl"], cwd=run_a,
-                          env=_env(), capture_output=True, text=True, timeout=380)
+                          env=_env(pjrt_device=None), capture_output=True, text=True, timeout=380)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "xla_cpu, world 1 (tp 1 x dp 1)" in proc.stdout
     losses = [m["loss"] for m in _metrics(run_a / "m.jsonl")]
@@ -227,8 +230,7 @@ def test_init_from_a_native_folder_starts_from_its_weights(tmp_path):
     prepare([str(TINY_CORPUS)], str(tmp_path / "data"), 256, progress=False)
     start = _tiny_model(123)
     start.save_pretrained(tmp_path / "start")
-    env = dict(_env(), NXD_CPU_MODE="1")
-    env.pop("PJRT_DEVICE")
+    env = dict(_env(pjrt_device=None), NXD_CPU_MODE="1")
     proc = subprocess.run([sys.executable, TRAIN, "--init-from", str(tmp_path / "start"), "--data",
                            str(tmp_path / "data"), "--max-steps", "1", "--lr", "1e-9", "--micro-batch", "1",
                            "--grad-accum", "1", "--checkpoint-every", "1", "--checkpoint-dir", "ck"],
