@@ -156,7 +156,8 @@ def _skip_without_nxd():
 
     missing = missing_packages()
     if missing:
-        pytest.skip(f"needs {' and '.join(missing)}: pip install -r neuron/requirements-cpu-test.txt")
+        pytest.skip(f"needs {' and '.join(missing)}: pip install -r neuron/requirements-cpu-test.txt",
+                    allow_module_level=True)
 
 
 _skip_without_nxd()
