@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed-$(shell cksum requirements.txt | cut -d' ' -f1)
+STAMP  := $(VENV)/.installed-$(shell cat requirements.txt neuron/requirements-cpu-test.txt | cksum | cut -d' ' -f1)
 TESTS  ?= tests
 
 .PHONY: setup demo test lint bench clean
@@ -13,10 +13,11 @@ demo test: export OMP_WAIT_POLICY ?= PASSIVE
 
 setup: $(STAMP)
 
-$(STAMP): requirements.txt
+$(STAMP): requirements.txt neuron/requirements-cpu-test.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install -r requirements.txt
+	test ! -d ../shared/wheels || $(BIN)/python -m pip install --no-deps -r neuron/requirements-cpu-test.txt
 	$(BIN)/python -c "from kernels.cbuild import build_all; build_all(verbose=True)" \
 		|| echo "note: no C compiler; the Mamba-1 scan and decoding will use the slower torch paths"
 	rm -f $(VENV)/.installed-*

@@ -35,10 +35,8 @@ from mamba.interop.megatron import read_megatron
 from mamba.interop.native import read_composer, read_folder, write_native, write_state_spaces
 from mamba.interop.tensors import Checkpoint, ConvertError
 
-READ_FORMATS = ("native", "state-spaces", "hf", "megatron", "split", "composer")
+READ_FORMATS = ("native", "state-spaces", "hf", "megatron", "split", "composer", "neuron")
 WRITE_FORMATS = ("native", "hf", "state-spaces")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -62,6 +60,10 @@ def read_checkpoint(fmt: str, src: str | Path, *, config: str | Path | None = No
     elif fmt == "megatron":
         ckpt = read_megatron(src, ngroups=ngroups, num_heads=num_heads, num_kv_heads=num_kv_heads,
                              mlp_activation=mlp_activation, unsafe=unsafe_pickle)
+    elif fmt == "neuron":
+        from neuron.checkpoint import read_neuron  # merges the TP shards; needs neither NxD nor XLA
+
+        ckpt = read_neuron(src)
     else:
         ckpt = read_composer(src, Path(config) if config else None, unsafe=unsafe_pickle)
     if gated_norm is not None:
@@ -103,7 +105,7 @@ def convert(from_format: str, src: str | Path, to_format: str, dst: str | Path, 
         out = Path(tmp) / "out"
         out.mkdir()
         writer(ckpt, out, DTYPES.get(dtype) if dtype else None)
-        copy_tokenizer(Path(tokenizer) if tokenizer else ckpt.tokenizer_dir, out)
+        copy_tokenizer(Path(tokenizer) if tokenizer else ckpt.tokenizer_dir, out, required=bool(tokenizer))
         if dst.exists():
             old = Path(tmp) / "old"
             os.replace(dst, old)
@@ -111,17 +113,23 @@ def convert(from_format: str, src: str | Path, to_format: str, dst: str | Path, 
     return ckpt.notes
 
 
-def copy_tokenizer(source: Path | None, out: Path) -> None:
+def copy_tokenizer(source: Path | None, out: Path, required: bool = False) -> None:
+    """Copy the tokenizer files at ``source`` (data.tokenizer decides which: Hugging Face files, a
+    tokenizer.json, a SentencePiece .model under any name); ``required``: finding none is an error."""
+    from data.errors import DataError
+    from data.tokenizer import tokenizer_files
+
     if source is None:
         return
-    if source.is_file():
-        shutil.copy2(source, out / source.name)
-        return
-    if not source.is_dir():
-        raise ConvertError(f"--tokenizer {source}: no such file or folder")
-    for name in TOKENIZER_FILES:
-        if (source / name).is_file():
-            shutil.copy2(source / name, out / name)
+    try:
+        files = tokenizer_files(source)
+    except DataError:
+        raise ConvertError(f"--tokenizer {source}: no such file or folder") from None
+    if required and not files:
+        raise ConvertError(f"--tokenizer {source}: the folder holds no tokenizer files (tokenizer.json, "
+                           "tokenizer_config.json or a SentencePiece .model)")
+    for file in files:
+        shutil.copy2(file, out / file.name)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -314,6 +314,11 @@ def train(cfg: TrainConfig, derived: dict):
     if derived["device"] == "cpu":
         torch.set_flush_denormal(True)  # denormal floats slow CPU math ~100x; flushing is harmless
         configure_cpu_threads()
+        from mamba.composer_model import return_large_frees_to_the_os
+
+        # Freed activations go back to the OS instead of fragmenting glibc's heap: a 130m step's peak
+        # RSS 1.34x -> 0.98x of its accounting (bench/bench_memory.py).
+        return_large_frees_to_the_os()
     from composer.utils import reproducibility
 
     # the same seed on every rank before init: FSDP shards must come from identical weights

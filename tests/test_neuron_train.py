@@ -128,6 +128,14 @@ def test_tiny_default_trains_checkpoints_and_resumes_bit_identically(tmp_path):
     assert config_a.layer_pattern == "MM*M-"
     for key, value in final_a.items():
         assert torch.equal(value, final_b[key]), key
+    # `python -m mamba.convert --from neuron CKPT --to native DST` gives the same weights
+    from mamba.convert import main as convert_main
+    from mamba.model import MambaLMHeadModel
+
+    assert convert_main(["--from", "neuron", str(ckpts), "--to", "native", str(tmp_path / "native")]) == 0
+    converted = MambaLMHeadModel.from_pretrained(tmp_path / "native").state_dict()
+    for key, value in final_a.items():
+        assert torch.equal(converted[key], value), key
 
 
 @pytest.mark.timeout(300)

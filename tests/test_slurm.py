@@ -25,6 +25,7 @@ def test_slurm_script_launches_composer_and_resumes(tmp_path):
     cfg["variables"]["seq_len"] = 64
     cfg.update(max_duration="3ba", save_interval="3ba", export_folder=None, sample=None,
                progress_bar=False, loggers={})
+    cfg["scheduler"]["warmup"] = "1ba"  # tiny.yaml's 20ba would not fit in this 3-batch run
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()

@@ -241,8 +241,6 @@ def test_convert_generate_evaluate_with_a_sentencepiece_model(sp_small: Path, tm
     assert pred["pred"] == oracle.decode(row).strip()
 
 
-@pytest.mark.xfail(strict=True, reason="mamba/convert.py copies only fixed tokenizer file names (change "
-                   "reported to the lead; drop this mark when copy_tokenizer uses tokenizer_files)")
 def test_convert_tokenizer_folder_holding_a_sentencepiece_model(sp_wide: Path, tmp_path: Path) -> None:
     from mamba.convert import main as convert_main
     from mamba.model import MambaConfig, MambaLMHeadModel
