@@ -125,6 +125,8 @@ def require(kernel: str, name: str, t: torch.Tensor | None, shape: tuple[int, ..
 
 def split(total: int) -> list[tuple[int, int]]:
     """[0, total) in one contiguous range per thread."""
+    if total <= 0:
+        return []  # nothing to do (batch or channels 0)
     parts = max(1, min(torch.get_num_threads(), total))
     step = -(-total // parts)
     return [(s, min(total, s + step)) for s in range(0, total, step)]
@@ -132,8 +134,9 @@ def split(total: int) -> list[tuple[int, int]]:
 
 def parallel(fn: Callable[[int, int], object], ranges: list[tuple[int, int]]) -> None:
     """fn(start, stop) for every range: all but the last on the pool, the last on this thread."""
-    if len(ranges) == 1:
-        fn(*ranges[0])
+    if len(ranges) <= 1:
+        for r in ranges:
+            fn(*r)
         return
     futures = [_pool.submit(fn, *r) for r in ranges[:-1]]
     fn(*ranges[-1])

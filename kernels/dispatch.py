@@ -80,6 +80,16 @@ def backend_for(op: str, device: torch.device) -> str:
     return backends_for(op, device)[0]
 
 
+def document_index(seq_idx: torch.Tensor | None) -> torch.Tensor | None:
+    """seq_idx renumbered 0, 1, 2, ... by change of value along each row, in int32: a new document
+    starts wherever the value changes (as the float64 references read it), also when a value comes
+    back ([0,0,1,1,0] is three documents) or is too large for int32 (the C and GPU kernels' type)."""
+    if seq_idx is None or seq_idx.shape[-1] == 0:
+        return seq_idx
+    change = (seq_idx[..., 1:] != seq_idx[..., :-1]).to(torch.int32)
+    return torch.cat([torch.zeros_like(change[..., :1]), change.cumsum(-1, dtype=torch.int32)], -1)
+
+
 def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None,
                               initial_states=None, seq_idx=None, cu_seqlens=None, dt_softplus=False,
                               dt_limit=(0.0, math.inf), return_final_states=False,
@@ -88,6 +98,9 @@ def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bia
     dt_bias [h], initial_states [b,h,p,n], seq_idx [b,l] int; cu_seqlens [num_seqs+1] (batch 1).
     Returns y, then final_states [b,h,p,n], then varlen_states [num_seqs,h,p,n], as requested."""
     check_ssd_args(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, cu_seqlens, dt_limit)
+    if return_varlen_states and cu_seqlens is None:
+        raise ValueError("return_varlen_states=True needs cu_seqlens (the sequence boundaries)")
+    seq_idx = document_index(seq_idx)
     if (backend_for("ssd", x.device) == "nki" and initial_states is None and cu_seqlens is None
             and not return_final_states and not return_varlen_states):
         from kernels.nki.autograd import mamba_chunk_scan_combined_nki  # length % 128: ValueError
@@ -121,6 +134,7 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
     """Mamba-1 scan. u/delta/z [b,d,l], A [d,n] (real), B/C [d,n] (constant), [b,n,l] or [b,g,n,l],
     D/delta_bias [d]; cu_seqlens [num_seqs+1] or seq_idx [b,l] reset the state between documents."""
     check_scan_args(u, delta, A, B, C, D, z, delta_bias, seq_idx, cu_seqlens)
+    seq_idx = document_index(seq_idx)
     backends = backends_for("scan", u.device)
     if seq_idx is None and cu_seqlens is None and "cuda-ext" in backends:
         # mamba_ssm's released CUDA scan has no document resets; with them we use our own path.
@@ -175,9 +189,14 @@ def _ext_conv_handles(x, weight, bias, seq_idx, initial_states, return_final_sta
     if (not 2 <= weight.shape[1] <= 4 or torch.float64 in (x.dtype, weight.dtype)
             or (bias is not None and bias.dtype != weight.dtype)):
         return False
+    channel_last = x.stride(1) == 1
+    if channel_last and (x.shape[1] % 8 or x.stride(0) % 8 or x.stride(2) % 8):
+        return False  # its channel-last kernel reads 8 channels at a time
     if seq_idx is not None:
-        return (seq_idx.dtype == torch.int32 and initial_states is None and not return_final_states
-                and final_states_out is None and x.stride(1) == 1)
+        return (seq_idx.dtype == torch.int32 and seq_idx.is_contiguous() and initial_states is None
+                and not return_final_states and final_states_out is None and channel_last)
+    if initial_states is not None and (initial_states.stride(1) != 1 or initial_states.dtype != x.dtype):
+        return False
     wants_states = initial_states is not None or return_final_states or final_states_out is not None
     return not wants_states or x.stride(1) == 1
 
@@ -221,7 +240,8 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, cach
     buffer with cache_seqlens [b], a pool picked by conv_state_indices [b] (negative = padding)."""
     check_update_args(x, conv_state, weight, bias, activation, cache_seqlens, conv_state_indices)
     if (backend_for("conv1d_update", x.device) == "cuda-ext" and 2 <= weight.shape[1] <= 4
-            and x.dtype == conv_state.dtype and torch.float64 not in (x.dtype, weight.dtype)
+            and x.dtype == conv_state.dtype == weight.dtype and x.dtype != torch.float64
+            and (conv_state_indices is None or bool((conv_state_indices >= 0).all()))
             and (bias is None or bias.dtype == weight.dtype)
             and all(t is None or t.dtype == torch.int32 for t in (cache_seqlens, conv_state_indices))):
         from causal_conv1d import causal_conv1d_update as ext
@@ -238,7 +258,9 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     """One-token SSM update (Mamba-1 or Mamba-2 shapes, as mamba_ssm broadcasts them); state is
     updated in place; state_batch_indices [b] picks rows of a state pool (negative = padding)."""
     check_state_update_args(state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices)
-    if backend_for("state_update", x.device) == "cuda-ext":
+    # Padding rows (negative indices) take our path: mamba_ssm's kernel may not skip them.
+    if backend_for("state_update", x.device) == "cuda-ext" and (
+            state_batch_indices is None or bool((state_batch_indices >= 0).all())):
         from mamba_ssm.ops.triton.selective_state_update import selective_state_update as ext
 
         if state_batch_indices is None:

@@ -119,6 +119,8 @@ class ComposerMamba(ComposerModel):
             if isinstance(metric, LanguageCrossEntropy):
                 metric.sum_loss += outputs.loss_sum
                 metric.total_items += outputs.n_tokens
+                metric._update_count += 1  # what Metric.update records (else compute() warns)
+                metric._computed = None
             elif isinstance(metric, TokenAccuracy):
                 metric.update(outputs, labels)
             else:

@@ -76,6 +76,29 @@ def test_bf16_autocast_is_close_to_fp32():
     assert (gw - rw).norm() < 0.05 * rw.norm() and (gh - rh).norm() < 0.05 * rh.norm()
 
 
+def test_fp16_gradients_survive_until_the_loss_scale():
+    """amp_fp16: (softmax - onehot) / n_tokens is ~1e-9 here, below fp16's range; the gradient must not
+    flush to 0 before backward multiplies it by the loss scale (as F.cross_entropy's does not)."""
+    hidden, weight, _, labels = inputs(shape=(1, 8192), d=8, padded=8192, vocab=8192, bias=False,
+                                       dtype=torch.float32)
+    scale = 65536.0
+    with torch.autocast("cpu", dtype=torch.float16):
+        ours = linear_cross_entropy(hidden, weight, labels, vocab_size=8192)
+    gh, gw = torch.autograd.grad(ours.loss * scale, (hidden, weight))
+    ref = reference(hidden, weight, None, labels, 8192) * scale
+    rh, rw = torch.autograd.grad(ref, (hidden, weight))
+    assert gh.dtype == hidden.dtype and gw.dtype == weight.dtype
+    assert (gw - rw).norm() < 0.01 * rw.norm() and (gh - rh).norm() < 0.01 * rh.norm()
+    assert (gw == 0).float().mean() < 1e-3  # nothing flushed to zero
+
+
+def test_create_graph_is_a_clear_error():
+    hidden, weight, b, labels = inputs()
+    out = linear_cross_entropy(hidden, weight, labels, bias=b, vocab_size=50)
+    with pytest.raises(RuntimeError, match="create_graph"):
+        torch.autograd.grad(out.loss, hidden, create_graph=True)
+
+
 def test_bad_labels_and_a_second_backward_are_clear_errors():
     hidden, weight, b, labels = inputs()
     labels[0, 0] = 50  # a padding row of the head is not a class

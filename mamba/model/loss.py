@@ -76,6 +76,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
         cd = _compute_dtype(hidden, weight)
         acc = torch.promote_types(cd, torch.float32)  # softmax in fp32 at least
         h, w = hidden.to(cd), weight[:vocab].to(cd)
+        # fp16's range cannot hold (softmax - onehot) / n_tokens before the loss scale multiplies it
+        # in backward (values ~1e-9 flush to 0): gradients are formed and kept in fp32 there, and
+        # cast to their tensors' dtypes only after the scale (bf16 has fp32's range).
+        gd = torch.float32 if cd == torch.float16 else cd
+        w_g = w if gd == cd else w.to(gd)
         b = None if bias is None else bias[:vocab].to(acc)
         labelled = labels != IGNORE_INDEX
         n_tokens = labelled.sum()
@@ -83,11 +88,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
         want_h = grads and hidden.requires_grad
         want_w = grads and weight.requires_grad
         want_b = grads and bias is not None and bias.requires_grad
-        grad_h = torch.empty_like(hidden) if want_h else None
+        grad_h = torch.empty(hidden.shape, dtype=torch.promote_types(hidden.dtype, gd),
+                             device=hidden.device) if want_h else None
         # summed over chunks: in fp32 at least, cast to the weight's dtype at the end
         grad_w = torch.zeros(weight.shape, dtype=torch.promote_types(weight.dtype, acc),
                              device=weight.device) if want_w else None
-        grad_b = torch.zeros_like(bias) if want_b else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.promote_types(bias.dtype, acc),
+                             device=bias.device) if want_b else None
         loss_sum = torch.zeros((), dtype=acc, device=hidden.device)
         n_correct = torch.zeros((), dtype=torch.int64, device=hidden.device)
         with torch.autocast(hidden.device.type, enabled=False):
@@ -111,15 +118,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 probs.scatter_add_(1, target, torch.full_like(picked, -1.0).unsqueeze(1))
                 probs.mul_((m_c.to(acc) * scale).unsqueeze(1))
                 if want_h:
-                    grad_h[start:end] = torch.mm(probs.to(cd), w)
+                    grad_h[start:end] = torch.mm(probs.to(gd), w_g)
                 if want_w:
-                    if grad_w.dtype == cd:
-                        grad_w[:vocab].addmm_(probs.t(), h_c)
+                    if grad_w.dtype == gd:
+                        grad_w[:vocab].addmm_(probs.t().to(gd), h_c.to(gd))
                     else:
-                        grad_w[:vocab] += torch.mm(probs.t().to(cd), h_c)
+                        grad_w[:vocab] += torch.mm(probs.t().to(gd), h_c.to(gd))
                 if want_b:
                     grad_b[:vocab] += probs.sum(0)
-        ctx.grads = (grad_h, None if grad_w is None else grad_w.to(weight.dtype), grad_b)
+        ctx.grads = (grad_h, grad_w, grad_b)
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         loss = loss_sum * scale
         ctx.mark_non_differentiable(loss_sum, n_tokens, n_correct)
         return loss, loss_sum, n_tokens, n_correct
@@ -129,6 +137,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if ctx.grads is None:
             raise RuntimeError("linear_cross_entropy: backward twice through the same loss is not "
                                "supported (its gradients are computed once, in forward)")
+        if torch.is_grad_enabled():  # only under create_graph=True
+            raise RuntimeError("linear_cross_entropy: create_graph / higher-order gradients are not "
+                               "supported (its gradients are computed in forward)")
         grads, ctx.grads = ctx.grads, None
-        grad_h, grad_w, grad_b = (None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in grads)
+        grad_h, grad_w, grad_b = (None if g is None else g.mul_(grad_loss.to(g.dtype)).to(dtype)
+                                  for g, dtype in zip(grads, ctx.dtypes, strict=True))
         return grad_h, grad_w, grad_b, None, None, None, None
