@@ -49,7 +49,7 @@ _CUDA_BACKENDS: tuple[tuple[str, frozenset[str]], ...] = (
         + (["inner", "split_scan"] if _HAS_MAMBA_SSM and _HAS_CAUSAL_CONV1D else []))),
     ("triton", frozenset(["ssd", "scan", "conv1d"] if _HAS_TRITON else [])),
 )
-_FORCEABLE = ("torch", "triton", "cuda-ext")
+_FORCEABLE = ("torch", "triton", "cuda-ext", "nki")
 _BACKENDS_BY_DEVICE = {"cuda": _CUDA_BACKENDS}
 
 
