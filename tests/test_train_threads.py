@@ -79,3 +79,15 @@ def test_threads_follow_the_cpus_this_process_may_use(cpus, env, expected):
                          capture_output=True, text=True, env={**full, **env}, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split()[-2:] == expected.split()
+
+
+def test_large_frees_go_back_to_the_os_only_for_large_models(monkeypatch):
+    from mamba.train import MMAP_FREES_MIN_PARAMS, mmap_frees_wanted
+
+    monkeypatch.delenv("MAMBA_CPU_MMAP_FREES", raising=False)
+    assert not mmap_frees_wanted(1_000_000)  # tiny.yaml: the per-allocation mmap costs more than it saves
+    assert mmap_frees_wanted(MMAP_FREES_MIN_PARAMS)
+    monkeypatch.setenv("MAMBA_CPU_MMAP_FREES", "1")
+    assert mmap_frees_wanted(1_000_000)
+    monkeypatch.setenv("MAMBA_CPU_MMAP_FREES", "0")
+    assert not mmap_frees_wanted(10**9)
