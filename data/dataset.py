@@ -109,18 +109,10 @@ class PackedDataset(StreamingDataset):
     # the main thread then polls forever. Both threads can die on a corrupt shard (the ready thread
     # re-prepares a shard whose state we reset), so each reports its exit however it ends.
     def _prepare_thread(self, it: Any) -> None:
-        try:
-            super()._prepare_thread(it)
-        except BaseException:
-            it.on_exit()
-            raise
+        _reporting_exit(super()._prepare_thread, it)
 
     def _ready_thread(self, it: Any) -> None:
-        try:
-            super()._ready_thread(it)
-        except BaseException:
-            it.on_exit()
-            raise
+        _reporting_exit(super()._ready_thread, it)
 
     def __iter__(self) -> Any:
         failed = getattr(self, "_event", None) is not None and self._event.is_set()
@@ -137,6 +129,15 @@ class PackedDataset(StreamingDataset):
         # streaming's download thread ends the epoch early, silently, when a shard fails.
         if self._shard_error is not None:
             raise self._shard_error
+
+
+def _reporting_exit(thread_body: Any, it: Any) -> None:
+    """Run one of streaming's iteration threads; if it dies on an exception, still count its exit."""
+    try:
+        thread_body(it)
+    except BaseException:
+        it.on_exit()
+        raise
 
 
 def collate_packed(samples: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:

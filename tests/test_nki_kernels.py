@@ -383,3 +383,19 @@ def test_gated_rms_norm_matches_torch_float64(nki, dim, group_size, gated, befor
         close(g, g_ref, 2e-5, name)
     with pytest.raises(ValueError, match="100 rows"):
         autograd.rms_norm_gated_nki(torch.randn(100, dim), torch.ones(dim))
+
+
+def test_executor_refuses_calls_outside_its_subset():
+    """A mask= argument (which our kernels never pass) is refused, not run with guessed semantics."""
+    from kernels.nki import executor
+    from kernels.nki.executor.core import OutsideSubsetError
+
+    executor.install()
+    try:
+        import neuronxcc.nki.language as nl
+
+        tile = nl.zeros((4, 4), dtype=nl.float32)
+        with pytest.raises(OutsideSubsetError, match="outside the executor's subset"):
+            nl.add(tile, tile, mask=True)
+    finally:
+        executor.uninstall()

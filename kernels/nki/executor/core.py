@@ -18,6 +18,11 @@ class HardwareLimitError(ValueError):
     """A kernel asked for something a NeuronCore cannot do (tile too large, wrong buffer, ...)."""
 
 
+class OutsideSubsetError(TypeError):
+    """A call this executor deliberately does not model (e.g. the `mask=` argument, which our kernels
+    never pass): refused loudly rather than executed with guessed semantics."""
+
+
 class ReadBeforeWriteError(RuntimeError):
     """A kernel read an on-chip element it never wrote (fresh buffers hold NaN)."""
 

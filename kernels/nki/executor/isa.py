@@ -21,7 +21,7 @@ def nc_matmul(stationary, moving, *, is_stationary_onezero=False, is_moving_onez
               is_transpose=False, mask=None, **kwargs):
     """stationary.T @ moving on the Tensor Engine: SBUF operands, fp32 result in PSUM."""
     if mask is not None:
-        raise NotImplementedError("masked nc_matmul is outside the executor's subset")
+        raise core.OutsideSubsetError("masked nc_matmul is outside the executor's subset")
     s, m = _tile(stationary, "stationary"), _tile(moving, "moving")
     if s.buffer != "sbuf" or m.buffer != "sbuf":
         raise HardwareLimitError("nc_matmul reads its operands from SBUF; copy PSUM tiles to SBUF first")
@@ -48,7 +48,7 @@ def nc_transpose(data, *, mask=None, dtype=None, engine=unknown_engine, **kwargs
     """Partition <-> free transpose: Tensor Engine (SBUF -> PSUM, <= 128x128) or Vector Engine
     (<= 32x32, SBUF or PSUM in, SBUF out)."""
     if mask is not None:
-        raise NotImplementedError("masked nc_transpose is outside the executor's subset")
+        raise core.OutsideSubsetError("masked nc_transpose is outside the executor's subset")
     t = _tile(data, "nc_transpose data")
     flat = t.data.reshape(t.shape[0], -1)
     small = flat.shape[0] <= 32 and flat.shape[1] <= 32
@@ -86,7 +86,7 @@ def tensor_scalar(data, op0, operand0, reverse0=False, op1=None, operand1=None, 
                   dtype=None, mask=None, engine=unknown_engine, **kwargs):
     """(data op0 operand0) op1 operand1, operands scalars or one value per partition."""
     if mask is not None:
-        raise NotImplementedError("masked tensor_scalar is outside the executor's subset")
+        raise core.OutsideSubsetError("masked tensor_scalar is outside the executor's subset")
     t = _tile(data, "tensor_scalar data")
     v = core._values(t).astype(np.float32)
     a = _vector_operand(operand0, t, "operand0")
@@ -105,7 +105,7 @@ def scalar_tensor_tensor(*, data, op0, operand0, op1, operand1, reverse0=False, 
     """(data op0 operand0) op1 operand1 on the Vector Engine: operand0 a scalar or one value per
     partition, operand1 a tile of data's shape (not both data and operand1 in PSUM)."""
     if mask is not None:
-        raise NotImplementedError("masked scalar_tensor_tensor is outside the executor's subset")
+        raise core.OutsideSubsetError("masked scalar_tensor_tensor is outside the executor's subset")
     t, other = _tile(data, "data"), _tile(operand1, "operand1")
     if other.shape != t.shape:
         raise HardwareLimitError(f"operand1 {other.shape} must have data's shape {t.shape}")
@@ -124,7 +124,7 @@ def scalar_tensor_tensor(*, data, op0, operand0, op1, operand1, reverse0=False, 
 def activation(op, data, *, bias=None, scale=1.0, mask=None, dtype=None, **kwargs):
     """op(data * scale + bias) on the Scalar Engine; bias and a tile scale hold one value per partition."""
     if mask is not None:
-        raise NotImplementedError("masked activation is outside the executor's subset")
+        raise core.OutsideSubsetError("masked activation is outside the executor's subset")
     t = _tile(data, "activation data")
     v = core._values(t).astype(np.float32) * _vector_operand(scale, t, "scale")
     if bias is not None:
@@ -139,7 +139,7 @@ def activation(op, data, *, bias=None, scale=1.0, mask=None, dtype=None, **kwarg
 def affine_select(pred, on_true_tile, on_false_value, *, mask=None, dtype=None, **kwargs):
     """pred ? on_true_tile : on_false_value, pred an affine expression of nl.arange indices."""
     if mask is not None:
-        raise NotImplementedError("masked affine_select is outside the executor's subset")
+        raise core.OutsideSubsetError("masked affine_select is outside the executor's subset")
     if not (isinstance(pred, np.ndarray) and pred.dtype == bool):
         raise TypeError("affine_select's pred is an affine expression of nl.arange indices (for example "
                         "i_p >= i_f); for a data-dependent choice use nl.where")
@@ -165,7 +165,7 @@ def tensor_reduce(op, data, axis, *, mask=None, dtype=None, negate=False, keepdi
 
     fn = {np.add: np.sum, np.maximum: np.max}.get(_np_op(op))
     if fn is None:
-        raise NotImplementedError(f"tensor_reduce with {op!r} is outside the executor's subset")
+        raise core.OutsideSubsetError(f"tensor_reduce with {op!r} is outside the executor's subset")
     out = language._reduce(fn, data, axis, dtype, mask, keepdims)
     return language.multiply(out, -1.0) if negate else out
 

@@ -132,7 +132,7 @@ def _hbm_operand(x) -> HbmView:
 
 def load(src, *, mask=None, dtype=None, **kwargs):
     if mask is not None:
-        raise NotImplementedError("masked nl.load is outside the executor's subset")
+        raise core.OutsideSubsetError("masked nl.load is outside the executor's subset")
     view = _hbm_operand(src)
     values = np.array(view.tensor.data[view.key])
     if values.ndim < 2:
@@ -145,7 +145,7 @@ def load(src, *, mask=None, dtype=None, **kwargs):
 
 def store(dst, value, *, mask=None, **kwargs):
     if mask is not None:
-        raise NotImplementedError("masked nl.store is outside the executor's subset")
+        raise core.OutsideSubsetError("masked nl.store is outside the executor's subset")
     view = _hbm_operand(dst)
     if not isinstance(value, Tensor) or value.buffer != "sbuf":
         raise HardwareLimitError(f"nl.store writes an SBUF tile to HBM; got {value!r} "
@@ -161,7 +161,7 @@ def store(dst, value, *, mask=None, **kwargs):
 # --- element-wise math ------------------------------------------------------------------------
 def _elementwise(fn, operands, dtype=None, mask=None):
     if mask is not None:
-        raise NotImplementedError("masked element-wise ops are outside the executor's subset")
+        raise core.OutsideSubsetError("masked element-wise ops are outside the executor's subset")
     values = [core._values(o) for o in operands]
     tiles = [o for o in operands if isinstance(o, Tensor)]
     if not tiles:
