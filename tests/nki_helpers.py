@@ -22,6 +22,19 @@ def close(a, b, tol, what):
     assert err <= tol * max(1.0, scale), f"{what}: max error {err:.3g} (scale {scale:.3g})"
 
 
+def close_bf16(a, ref, what):
+    """a is bf16 and each element within one bf16 rounding of the float64 reference: |a - ref| <=
+    2**-8 |ref| (half a bf16 step is 2**-9; the rest covers fp32 work before the rounding) plus
+    1e-5 of the largest value (elements near zero, where fp32 cancellation dominates)."""
+    assert a.dtype == torch.bfloat16, f"{what}: {a.dtype}, expected bfloat16"
+    ref = ref.detach().double()
+    err = (a.double() - ref).abs()
+    bound = 2.0**-8 * ref.abs() + 1e-5 * max(1.0, ref.abs().max().item())
+    worst = (err - bound).argmax()
+    assert (err <= bound).all(), (f"{what}: error {err.flatten()[worst].item():.3g} at a value "
+                                  f"{ref.flatten()[worst].item():.3g} is more than one bf16 rounding")
+
+
 def conv_case(batch, dim, length, width, bias, seq_idx, silu, dtype=torch.float32):
     x = torch.randn(batch, dim, length, dtype=torch.float64, requires_grad=True)
     w = torch.randn(dim, width, dtype=torch.float64, requires_grad=True)

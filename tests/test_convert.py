@@ -497,11 +497,31 @@ def test_megatron_conv_stored_as_parameters_converts(tmp_path, conv_dims):
     assert torch.equal(logits(ours, 256), logits(model, 256))
 
 
-def grouped_hf_mamba2():
-    """transformers 4.x Mamba2 with n_groups > 1: its torch path normalises across all channels."""
-    return transformers.Mamba2ForCausalLM(transformers.Mamba2Config(
-        hidden_size=64, num_heads=8, head_dim=16, n_groups=4, state_size=16, expand=2, chunk_size=16,
-        num_hidden_layers=2, vocab_size=96, tie_word_embeddings=False)).eval()
+def grouped_hf_mamba2(n_groups=2):
+    """A random transformers 4.x Mamba2 with n_groups > 1 (non-trivial norm weights)."""
+    torch.manual_seed(0)
+    hf = transformers.Mamba2ForCausalLM(transformers.Mamba2Config(
+        hidden_size=64, num_heads=8, head_dim=16, n_groups=n_groups, state_size=16, expand=2,
+        chunk_size=16, num_hidden_layers=2, vocab_size=96, tie_word_embeddings=False)).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            p.add_(torch.randn_like(p) * (0.5 if name.endswith("mixer.norm.weight") else 0.05))
+    return hf
+
+
+def per_group_gated_rms_norm(norm, n_groups):
+    """The oracle, written here in float64 and independent of our code: Mamba-2's gated RMSNorm per
+    group, y = w * rmsnorm_g(x * silu(z)) over groups of d_inner / n_groups channels. This is what
+    mamba_ssm computes (mamba_split_conv1d_scan_combined: group_size = dim // ngroups,
+    norm_before_gate=False), the kernel transformers 4.x's CUDA training path calls, so the model
+    such a checkpoint was trained as."""
+    def forward(hidden_states, gate=None):
+        x = hidden_states.double() * torch.nn.functional.silu(gate.double())
+        g = x.unflatten(-1, (n_groups, -1))
+        g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+        return (norm.weight.double() * g.flatten(-2)).to(hidden_states.dtype)
+
+    return forward
 
 
 def test_transformers_4_gated_norm_is_across_channels_in_its_source():
@@ -514,28 +534,69 @@ def test_transformers_4_gated_norm_is_across_channels_in_its_source():
     assert "pow(2).mean(-1, keepdim=True)" in source and "group" not in source
 
 
-def test_hf_4x_grouped_mamba2_converts_with_its_across_channel_norm(tmp_path, capsys):
-    torch.manual_seed(0)
-    hf = grouped_hf_mamba2()
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            p.add_(torch.randn_like(p) * (0.5 if name.endswith("mixer.norm.weight") else 0.05))
+def test_hf_4x_grouped_mamba2_converts_per_group_by_default(tmp_path, capsys):
+    """A transformers 4.x-saved folder with n_groups=2 is read per group (how such models are
+    trained: Mamba-Codestral-7B), not as transformers 4.x's torch path computes it.
+    Oracle: transformers' own model with each layer's norm replaced by the float64 per-group gated
+    RMSNorm above. Transformers' unmodified torch path (across channels) must differ."""
+    hf = grouped_hf_mamba2(n_groups=2)
     hf.save_pretrained(tmp_path / "hf")
+    saved_by = json.loads((tmp_path / "hf" / "config.json").read_text())["transformers_version"]
+    assert saved_by.startswith("4.")
     assert main(["--from", "hf", str(tmp_path / "hf"), "--to", "native", str(tmp_path / "out")]) == 0
-    assert "across all channels" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "gated RMSNorm (n_groups=2) converted per group" in err
+    assert f"the default for every source (saved by transformers {saved_by})" in err
+    ours = load(tmp_path / "out")
+    assert ours.config.ssm_options("M")["norm_across_channels"] is False
+    torch_path = logits(hf, 96)  # transformers 4.x's torch path: norm across all channels
+    for layer in hf.backbone.layers:
+        layer.mixer.norm.forward = per_group_gated_rms_norm(layer.mixer.norm, 2)
+    oracle = logits(hf, 96)
+    assert rel_err(logits(ours, 96), oracle) <= 1e-4
+    assert rel_err(logits(ours, 96), torch_path) > 1e-2  # the two forms really differ here
+    # explicit per-group: the same model, and the note says it was asked for
+    assert main(["--from", "hf", str(tmp_path / "hf"), "--to", "native", str(tmp_path / "pg"),
+                 "--gated-norm", "per-group"]) == 0
+    assert "converted per group (state-spaces" in capsys.readouterr().err
+    assert_same_weights(load(tmp_path / "pg"), ours)
+    assert load(tmp_path / "pg").config == ours.config
+
+
+def test_hf_4x_grouped_mamba2_converts_across_channels_on_request(tmp_path, capsys):
+    """--gated-norm across-channels reproduces transformers 4.x's torch path (for models fine-tuned
+    there): its logits and its greedy tokens."""
+    hf = grouped_hf_mamba2(n_groups=4)
+    hf.save_pretrained(tmp_path / "hf")
+    assert main(["--from", "hf", str(tmp_path / "hf"), "--to", "native", str(tmp_path / "out"),
+                 "--gated-norm", "across-channels"]) == 0
+    err = capsys.readouterr().err
+    assert "(n_groups=4) converted across all channels" in err
+    assert "as --gated-norm across-channels asks" in err
     ours = load(tmp_path / "out")
     assert ours.config.ssm_options("M")["norm_across_channels"] is True
-    expected = logits(hf, 96)
-    assert rel_err(logits(ours, 96), expected) <= 1e-4
-    convert("hf", tmp_path / "hf", "native", tmp_path / "per_group", gated_norm="per-group")
-    per_group = load(tmp_path / "per_group")
-    assert per_group.config.ssm_options("M")["norm_across_channels"] is False
-    assert rel_err(logits(per_group, 96), expected) > 1e-2  # the switch is what makes them match
+    assert rel_err(logits(ours, 96), logits(hf, 96)) <= 1e-4
     # greedy decoding (our recurrent step, composed for this norm) gives transformers' tokens
     prompt = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         theirs = hf.generate(prompt, max_new_tokens=12, do_sample=False, use_cache=True)
     assert torch.equal(ours.generate(prompt, max_new_tokens=12), theirs)
+
+
+def test_every_source_defaults_to_per_group_and_says_so(tmp_path, capsys):
+    """A native folder that records nothing about the norm, and an NVIDIA Megatron checkpoint
+    (ngroups 8): per group, with a note naming the choice; a folder that records across-channels
+    keeps it."""
+    model = nvidia_hybrid()
+    write_megatron(tmp_path / "meg", model, tp=1)
+    assert main(["--from", "megatron", str(tmp_path / "meg"), "--to", "native", str(tmp_path / "m")]) == 0
+    err = capsys.readouterr().err
+    assert "(n_groups=8) converted per group" in err and "the default for every source" in err
+    assert load(tmp_path / "m").config.ssm_options("M")["norm_across_channels"] is False
+    grouped_model(True).save_pretrained(tmp_path / "ac")
+    assert main(["--from", "native", str(tmp_path / "ac"), "--to", "native", str(tmp_path / "ac2")]) == 0
+    assert "converted across all channels" in capsys.readouterr().err
+    assert load(tmp_path / "ac2").config.ssm_options("M")["norm_across_channels"] is True
 
 
 def grouped_model(across, with_mlp=False):

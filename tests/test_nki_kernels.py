@@ -3,10 +3,9 @@ references in kernels/reference.py; and the executor's own limits."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from nki_helpers import close, conv_case, docs, ssd_inputs, ssd_reference
+from nki_helpers import close, close_bf16, conv_case, docs, ssd_inputs, ssd_reference
 
 from kernels.nki import executor
 from kernels.reference import causal_conv1d_ref
@@ -25,128 +24,6 @@ def nki():
 
     yield nki_module, autograd
     executor.uninstall()
-
-
-# --- the executor -----------------------------------------------------------------------------
-def test_executor_refuses_129_partitions_and_oversize_matmuls(nki):
-    nk, _ = nki
-    import neuronxcc.nki.isa as nisa
-    import neuronxcc.nki.language as nl
-
-    @nk.jit
-    def load_rows(a):
-        nl.load(a[0:a.shape[0], 0:4])
-        return a
-
-    load_rows(np.zeros((128, 4), np.float32))
-    with pytest.raises(executor.HardwareLimitError, match="129 partitions"):
-        load_rows(np.zeros((129, 4), np.float32))
-    with pytest.raises(executor.HardwareLimitError, match="partition"):
-        nl.zeros((129, 2), dtype=nl.float32)
-
-    @nk.jit
-    def matmul(a, b):
-        nisa.nc_matmul(nl.load(a), nl.load(b))
-        return a
-
-    matmul(np.ones((128, 128), np.float32), np.ones((128, 512), np.float32))
-    for k, m, n in ((128, 129, 8), (128, 8, 513), (64, 8, 8)):
-        with pytest.raises(executor.HardwareLimitError, match="nc_matmul"):
-            matmul(np.ones((128, m), np.float32), np.ones((k, n), np.float32))
-
-    @nk.jit
-    def matmul_from_psum(a):
-        product = nisa.nc_matmul(nl.load(a), nl.load(a))  # a PSUM tile
-        nisa.nc_matmul(product, nl.load(a))
-        return a
-
-    with pytest.raises(executor.HardwareLimitError, match="SBUF"):
-        matmul_from_psum(np.ones((8, 8), np.float32))
-
-
-def test_executor_catches_read_before_write(nki):
-    nk, _ = nki
-    import neuronxcc.nki.language as nl
-
-    @nk.jit
-    def half_written(a, write_all):
-        out = nl.ndarray(a.shape, dtype=a.dtype, buffer=nl.shared_hbm)
-        tile = nl.ndarray((8, 4), dtype=nl.float32, buffer=nl.sbuf)
-        tile[:, 0:2] = nl.load(a[:, 0:2])
-        if write_all:
-            tile[:, 2:4] = nl.load(a[:, 2:4])
-        nl.store(out, value=nl.exp(tile))
-        return out
-
-    a = np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32)
-    np.testing.assert_allclose(half_written(a, True), np.exp(a), rtol=1e-6)
-    with pytest.raises(executor.ReadBeforeWriteError, match="unwritten"):
-        half_written(a, False)
-    assert np.isnan(nl.ndarray((4, 4), dtype=nl.float32).data).all()  # fresh buffers hold NaN
-
-
-def test_executor_counts_live_sbuf(nki):
-    nk, _ = nki
-    import neuronxcc.nki.language as nl
-
-    @nk.jit
-    def two_tiles(a, keep_first):
-        first = nl.zeros((128, 25_000), dtype=nl.float32)  # 100,000 bytes per partition
-        if not keep_first:
-            del first
-        nl.zeros((128, 25_000), dtype=nl.float32)
-        return a
-
-    two_tiles(np.zeros((1, 1), np.float32), False)
-    with pytest.raises(executor.HardwareLimitError, match="SBUF overflow"):
-        two_tiles(np.zeros((1, 1), np.float32), True)
-
-
-def test_executor_affine_range_exposes_carried_dependencies(nki):
-    nk, _ = nki
-    import neuronxcc.nki.language as nl
-
-    @nk.jit
-    def running_sum(a, sequential):
-        out = nl.ndarray(a.shape, dtype=a.dtype, buffer=nl.shared_hbm)
-        acc = nl.zeros((1, 1), dtype=nl.float32)
-        loop = nl.sequential_range if sequential else nl.affine_range
-        for i in loop(a.shape[1]):
-            acc[...] = nl.add(acc, nl.load(a[0:1, i:i + 1]))
-            nl.store(out[0:1, i:i + 1], value=acc)
-        return out
-
-    a = np.arange(1, 5, dtype=np.float32)[None]
-    np.testing.assert_array_equal(running_sum(a, True), np.cumsum(a)[None])
-    assert not np.array_equal(running_sum(a, False), np.cumsum(a)[None])
-
-
-def test_executor_bf16_rounding_and_counters(nki):
-    nk, _ = nki
-    import neuronxcc.nki.isa as nisa
-    import neuronxcc.nki.language as nl
-
-    from kernels.nki.executor.core import round_bf16
-
-    values = np.array([1 + 2.0**-8, 1 + 3 * 2.0**-9, -(2 + 2.0**-7), 3.0], np.float32)
-    np.testing.assert_array_equal(round_bf16(values), np.array([1.0, 1 + 2.0**-7, -2.0, 3.0], np.float32))
-
-    @nk.jit
-    def product(a, b):
-        out = nl.ndarray((a.shape[1], b.shape[1]), dtype=nl.bfloat16, buffer=nl.shared_hbm)
-        nl.store(out, value=nl.copy(nisa.nc_matmul(nl.load(a), nl.load(b)), dtype=nl.bfloat16))
-        return out
-
-    rng = np.random.default_rng(1)
-    a = rng.standard_normal((128, 64)).astype(np.float32)
-    b = rng.standard_normal((128, 32)).astype(np.float32)
-    executor.counters.reset()
-    out = product(a, b)
-    exact = a.astype(np.float64).T @ b
-    np.testing.assert_array_equal(out, round_bf16(exact.astype(np.float32)))
-    assert np.abs(out - exact).max() > 1e-4  # the rounding is really there
-    assert executor.counters.matmul_flops == 2 * 128 * 64 * 32
-    assert executor.counters.dma_bytes == (a.size + b.size) * 4 + out.size * 2
 
 
 # --- causal conv1d ----------------------------------------------------------------------------
@@ -208,6 +85,31 @@ def test_causal_conv1d_bf16(nki):
     dx = torch.autograd.grad(y, ours[0], dy.to(torch.bfloat16))[0]
     assert dx.dtype == torch.bfloat16
     close(dx, grads_ref[0], 5e-2, "dx bf16")
+
+
+@pytest.mark.parametrize("dim,width,bias,silu,starts,length", [
+    (160, 4, True, True, [[100, 128, 131], [256, 300]], 384),  # boundaries inside and on tile edges
+    (64, 2, False, False, [[128], [5, 400]], 512),  # 256-token time tiles
+])
+def test_causal_conv1d_bf16_is_one_rounding_from_float64(nki, dim, width, bias, silu, starts, length):
+    """bf16 x, weight, bias and dy: against the float64 reference on the same bf16 values, y and
+    every gradient are within one bf16 rounding (the kernel widens to fp32 on load, rounds on store)."""
+    _, autograd = nki
+    seq = docs(2, length, starts)
+    x, w = torch.randn(2, dim, length).bfloat16(), torch.randn(dim, width).bfloat16()
+    b = torch.randn(dim).bfloat16() if bias else None
+    dy = torch.randn(2, dim, length).bfloat16()
+    leaves = [t for t in (x, w, b) if t is not None]
+    ref = [t.double().requires_grad_() for t in leaves]
+    act = "silu" if silu else None
+    y_ref, _ = causal_conv1d_ref(ref[0], ref[1], ref[2] if bias else None, seq_idx=seq, activation=act)
+    grads_ref = torch.autograd.grad(y_ref, ref, dy.double())
+    ours = [t.clone().requires_grad_() for t in leaves]
+    y = autograd.causal_conv1d_nki(ours[0], ours[1], ours[2] if bias else None, seq_idx=seq, activation=act)
+    close_bf16(y, y_ref, "y")
+    for name, g, g_ref in zip(("dx", "dweight", "dbias"), torch.autograd.grad(y, ours, dy), grads_ref,
+                              strict=False):
+        close_bf16(g, g_ref, name)
 
 
 def test_nki_wrappers_refuse_bad_lengths_and_widths(nki):
@@ -278,6 +180,30 @@ def test_ssd_bf16_inputs(nki):
     dx = torch.autograd.grad(y, ours[0], dy.to(torch.bfloat16))[0]
     assert dx.dtype == torch.bfloat16
     close(dx, dx_ref, 3e-2, "dx bf16")
+
+
+@pytest.mark.parametrize("ngroups,starts", [(2, [[1, 127, 128, 200], [129]]), (1, None)])
+def test_ssd_bf16_is_one_rounding_from_float64(nki, ngroups, starts):
+    """bf16 x, B, C and dy (dt, A, D fp32), documents across chunk edges: against the float64
+    reference on the same values, the bf16 outputs (y, dx, dB, dC) are within one bf16 rounding
+    and the fp32 ones (ddt, dA, dD) as close as in fp32."""
+    _, autograd = nki
+    leaves = ssd_inputs(2, 256, 4, 16, ngroups, 16, False)
+    ours = [t.detach().to(torch.bfloat16 if i in (0, 3, 4) else torch.float32).requires_grad_()
+            for i, t in enumerate(leaves)]
+    ref = [t.detach().double().requires_grad_() for t in ours]
+    seq = docs(2, 256, starts) if starts else None
+    y_ref = ssd_reference(*ref, seq)
+    dy = torch.randn_like(y_ref).bfloat16()
+    grads_ref = torch.autograd.grad(y_ref, ref, dy.double())
+    y = autograd.mamba_chunk_scan_nki(*ours[:5], D=ours[5], seq_idx=seq)
+    close_bf16(y, y_ref, "y")
+    grads = torch.autograd.grad(y, ours, dy)
+    for name, g, g_ref in zip(("dx", "ddt", "dA", "dB", "dC", "dD"), grads, grads_ref, strict=True):
+        if g.dtype == torch.bfloat16:
+            close_bf16(g, g_ref, name)
+        else:
+            close(g, g_ref, 2e-5, name)
 
 
 def test_ssd_refuses_unsupported_shapes(nki):
@@ -383,19 +309,3 @@ def test_gated_rms_norm_matches_torch_float64(nki, dim, group_size, gated, befor
         close(g, g_ref, 2e-5, name)
     with pytest.raises(ValueError, match="100 rows"):
         autograd.rms_norm_gated_nki(torch.randn(100, dim), torch.ones(dim))
-
-
-def test_executor_refuses_calls_outside_its_subset():
-    """A mask= argument (which our kernels never pass) is refused, not run with guessed semantics."""
-    from kernels.nki import executor
-    from kernels.nki.executor.core import OutsideSubsetError
-
-    executor.install()
-    try:
-        import neuronxcc.nki.language as nl
-
-        tile = nl.zeros((4, 4), dtype=nl.float32)
-        with pytest.raises(OutsideSubsetError, match="outside the executor's subset"):
-            nl.add(tile, tile, mask=True)
-    finally:
-        executor.uninstall()

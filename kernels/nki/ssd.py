@@ -62,10 +62,13 @@ def _chunk_group(B, C, seqp, bi, gi, t0, ones, upper, ones_row):
     # seqp holds seq_idx shifted right by one (seqp[t0 + t] is the id of token t - 1)
     start = nl.not_equal(nl.load(seqp[bi, t0 + 1:t0 + 1 + Q, 0:1]), nl.load(seqp[bi, t0:t0 + Q, 0:1]),
                          dtype=nl.float32)  # a document starts at t
-    starts_to = nisa.nc_matmul(upper, start)  # [Q(t), 1]: starts in chunk[0..t]
-    starts_row = _rows(nl.copy(starts_to), ones_row)  # [s, t] -> starts_to[t]
+    # A Vector Engine instruction reads at most one of its two input tiles from PSUM (NKI ISA,
+    # nki.isa.tensor_tensor: "data1 and data2 cannot both reside in PSUM"), and starts_to meets the
+    # PSUM tiles starts_row and total below: it lives in SBUF.
+    starts_to = nl.copy(nisa.nc_matmul(upper, start))  # [Q(t), 1]: starts in chunk[0..t]
+    starts_row = _rows(starts_to, ones_row)  # [s, t] -> starts_to[t] (PSUM)
     same = nl.equal(starts_row, starts_to, dtype=nl.float32)  # same[s, t]: no start in (s, t] (s <= t)
-    total = nisa.nc_matmul(ones, start)  # [Q, 1]: starts in the chunk, on every partition
+    total = nisa.nc_matmul(ones, start)  # [Q, 1]: starts in the chunk, on every partition (PSUM)
     sees_state = nl.equal(starts_to, 0.0, dtype=nl.float32)  # t belongs to the carried document
     in_last = nl.equal(starts_to, total, dtype=nl.float32)  # s belongs to the chunk's last document
     keep = nl.equal(total, 0.0, dtype=nl.float32)  # the carried state survives the chunk
@@ -193,7 +196,8 @@ def ssd_bwd(x, dt, dA, B, C, D, seqp, states, dy):
             dcum = nl.subtract(dcum, dW_W)
             da_a = nl.multiply(nl.sum(nl.multiply(dP_out, P), axis=1, keepdims=True), a[0:n, :])
             # cum_last = sum of every dA in the chunk: its gradient reaches every position
-            d_last = nl.add(nisa.nc_matmul(ones, dW_W), nisa.nc_matmul(ones[0:n, :], da_a))
+            # (two matmul results: one goes to SBUF first, as an add reads at most one PSUM input)
+            d_last = nl.add(nl.copy(nisa.nc_matmul(ones, dW_W)), nisa.nc_matmul(ones[0:n, :], da_a))
             ddAc = nl.add(nisa.nc_matmul(lower, dcum), d_last)  # reverse cumulative sum over the chunk
             nl.store(ddA[bi, t0:t0 + Q, hd:hd + 1], value=ddAc)
             ddtc = nl.sum(nl.multiply(dxdt, xc), axis=1, keepdims=True)

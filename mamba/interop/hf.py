@@ -4,11 +4,12 @@ HF names equal ours except `backbone.embeddings` (ours: `backbone.embedding`). H
 the padded vocabulary as `vocab_size`; on export we also store our full config under
 `mamba_recipe_config`, so ours -> HF -> ours gives back the exact config.
 
-Mamba-2's gated RMSNorm with n_groups > 1: transformers < 5 normalises across all d_inner
-channels, transformers >= 5 (like state-spaces and NVIDIA) per group. A folder saved by
-transformers records `transformers_version`, and its model computes what that version computes,
-so import sets ssm_cfg.norm_across_channels from it (an explicit `gated_norm` wins). Our own
-export writes no transformers_version: when one is there, transformers saved the folder since.
+Mamba-2's gated RMSNorm with n_groups > 1 is read per group from every folder, whichever
+transformers saved it: that is how such models are trained (state-spaces' mamba_ssm, NVIDIA,
+transformers >= 5, and transformers 4.x's own CUDA training path, mamba_split_conv1d_scan_combined
+with ngroups; Mamba-Codestral-7B). Only transformers 4.x's pure-torch path and its CUDA inference
+path normalise across all d_inner channels; `gated_norm="across-channels"` reproduces a model
+fine-tuned there. A folder we exported keeps its own choice (the config under mamba_recipe_config).
 """
 
 from __future__ import annotations
@@ -69,30 +70,36 @@ def mamba2_ngroups(config: MambaConfig) -> int:
     return config.ssm_options(MAMBA2)["ngroups"] if MAMBA2 in config.layer_kinds() else 0
 
 
+def gated_norm_note(config: MambaConfig, where: str, how: str) -> list[str]:
+    """The line telling the user which gated norm a converted Mamba-2 (n_groups > 1) computes, and
+    `how` it was chosen; none for n_groups <= 1, where the two forms agree."""
+    ngroups = mamba2_ngroups(config)
+    if ngroups <= 1:
+        return []
+    if config.ssm_options(MAMBA2)["norm_across_channels"]:
+        return [f"note: {where}: Mamba-2's gated RMSNorm (n_groups={ngroups}) converted across all "
+                f"channels (transformers < 5's torch path; ssm_cfg.norm_across_channels=true), {how}"]
+    return [f"note: {where}: Mamba-2's gated RMSNorm (n_groups={ngroups}) converted per group "
+            f"(state-spaces, NVIDIA, transformers >= 5 and transformers 4.x's CUDA training path), {how}. "
+            f"Pass --gated-norm {GATED_NORMS[1]} only for a model trained or fine-tuned with "
+            f"transformers < 5's torch path"]
+
+
 def config_from_hf(values: dict, where: str, gated_norm: str | None = None
                    ) -> tuple[MambaConfig, list[str]]:
-    """Our config for a HF config.json, and notes for the user (how the gated norm was chosen)."""
+    """Our config for a HF config.json, and the note saying which gated norm it computes: per group
+    unless `gated_norm` says otherwise or the folder is our own export (its recorded choice)."""
     config = _config_from_hf(values, where)
-    ngroups = mamba2_ngroups(config)
-    if gated_norm is not None or ngroups <= 1:
-        return (config if gated_norm is None else with_gated_norm(config, gated_norm == GATED_NORMS[1])), []
-    version = values.get("transformers_version")
-    major = transformers_major(version)
-    if major is not None:
-        across = major < 5
-        notes = [] if not across and not config.ssm_options(MAMBA2)["norm_across_channels"] else [
-            f"note: {where} was saved by transformers {version}, which normalises Mamba-2's gated "
-            f"RMSNorm {'across all channels' if across else 'per group'} (n_groups={ngroups}); "
-            f"converted to compute the same (ssm_cfg.norm_across_channels={str(across).lower()}). "
-            f"Pass --gated-norm {GATED_NORMS[0] if across else GATED_NORMS[1]} if the model was "
-            f"trained otherwise"]
-        return with_gated_norm(config, across), notes
-    if RECIPE_KEY in values:
-        return config, []
-    return config, [f"note: {where} does not say which transformers wrote it; Mamba-2's gated "
-                    f"RMSNorm (n_groups={ngroups}) is taken to be per group (state-spaces, NVIDIA, "
-                    f"transformers >= 5). Pass --gated-norm across-channels for a model trained or "
-                    f"fine-tuned with transformers < 5"]
+    if gated_norm is not None:
+        how = f"as --gated-norm {gated_norm} asks"
+        config = with_gated_norm(config, gated_norm == GATED_NORMS[1])
+    elif isinstance(values.get(RECIPE_KEY), dict):
+        how = f"as its {RECIPE_KEY} records"
+    else:
+        version = values.get("transformers_version")
+        how = (f"the default for every source (saved by transformers {version})" if version
+               else "the default for every source")
+    return config, gated_norm_note(config, where, how)
 
 
 def _config_from_hf(values: dict, where: str) -> MambaConfig:

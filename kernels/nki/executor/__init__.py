@@ -8,6 +8,9 @@ kernel source one SPMD program after another and checks what a NeuronCore would 
   * nc_matmul limits (contraction <= 128 on partitions, stationary free <= 128, moving free
     <= 512, SBUF operands of one dtype, fp32 result in PSUM), transposes over 128x128;
   * compute on HBM tensors (everything is nl.load-ed first) and nl.store from PSUM;
+  * a tensor-tensor instruction (nisa.tensor_tensor / scalar_tensor_tensor, and every nl.* op or
+    operator on two or more tiles) with more than one input tile in PSUM (NKI ISA,
+    nki.isa.tensor_tensor: data1 and data2 cannot both reside in PSUM);
   * a read of an on-chip element that was never written (fresh buffers hold NaN and are
     tracked as unwritten);
   * a loop-carried dependency inside nl.affine_range (its iterations run in reverse here).

@@ -1,4 +1,9 @@
-"""Tiles, buffers, dtypes, limits and counters of the NKI executor (see the package docstring)."""
+"""The executor's primitives: tiles, buffers, dtypes, limits, counters and the element-wise engine
+that every Vector / Scalar Engine op runs through (see the package docstring).
+
+This module imports nothing else of the executor; `isa` builds on it, `language` on both
+(core <- isa <- language), so the modules import in any order and have no cycle.
+"""
 
 from __future__ import annotations
 
@@ -194,40 +199,61 @@ class Tensor:
         self.written[key] = True
 
     # --- arithmetic on tiles (NKI allows +, -, *, / and unary minus) ----------------------------
-    def _binary(self, other, ufunc, reverse=False):
-        from kernels.nki.executor import language
-
-        return language._elementwise(ufunc, (other, self) if reverse else (self, other))
+    def _binary(self, other, ufunc, name, reverse=False):
+        return elementwise(ufunc, (other, self) if reverse else (self, other), name=f"tile {name}")
 
     def __add__(self, o):
-        return self._binary(o, np.add)
+        return self._binary(o, np.add, "+")
 
     def __radd__(self, o):
-        return self._binary(o, np.add, True)
+        return self._binary(o, np.add, "+", True)
 
     def __sub__(self, o):
-        return self._binary(o, np.subtract)
+        return self._binary(o, np.subtract, "-")
 
     def __rsub__(self, o):
-        return self._binary(o, np.subtract, True)
+        return self._binary(o, np.subtract, "-", True)
 
     def __mul__(self, o):
-        return self._binary(o, np.multiply)
+        return self._binary(o, np.multiply, "*")
 
     def __rmul__(self, o):
-        return self._binary(o, np.multiply, True)
+        return self._binary(o, np.multiply, "*", True)
 
     def __truediv__(self, o):
-        return self._binary(o, np.divide)
+        return self._binary(o, np.divide, "/")
 
     def __neg__(self):
-        return self._binary(-1.0, np.multiply)
+        return self._binary(-1.0, np.multiply, "unary -")
 
     def __iadd__(self, other):
-        # psum[...] += nc_matmul(...): accumulate in place (fp32 in PSUM)
-        result = self._binary(other, np.add)
+        if self.buffer == "psum" and is_fresh_matmul_result(other):
+            # psum[...] += nc_matmul(...): the Tensor Engine accumulates into its PSUM bank (the
+            # documented way to contract over more than 128 partitions); no Vector Engine read
+            if other.shape != self.shape:
+                raise HardwareLimitError(f"cannot accumulate a {other.shape} matmul result into {self!r}")
+            _values(self)
+            self.data[...] = (self.data.astype(np.float64) + other.data).astype(np.float32)
+            return self
+        result = self._binary(other, np.add, "+=")
         self.data[...] = cast(result.data, self.dtype)
         return self
+
+
+_last_matmul = {"result": None}
+
+
+def mark_matmul_result(tensor: Tensor) -> Tensor:
+    """Record the latest nc_matmul result: `psum += <it>` is the matmul accumulating into PSUM."""
+    _last_matmul["result"] = weakref.ref(tensor)
+    return tensor
+
+
+def is_fresh_matmul_result(tensor) -> bool:
+    """`tensor` is the result of the latest nc_matmul (as in `psum += nc_matmul(...)`); an older
+    PSUM tile added to another is a Vector Engine add of two PSUM inputs instead."""
+    ref = _last_matmul["result"]
+    return ref is not None and ref() is tensor
 
 
 class HbmView:
@@ -270,3 +296,51 @@ def new_tile(shape, dtype: DType, buffer: str, fill=None) -> Tensor:
         data = np.full(shape, np.nan if dtype in _FLOATS else 0, dtype=dtype.np)
         return Tensor(data, dtype, buffer, np.zeros(shape, dtype=bool))
     return Tensor(cast(np.full(shape, fill), dtype), dtype, buffer)
+
+
+# --- the element-wise engine ----------------------------------------------------------------
+# NKI ISA, nki.isa.tensor_tensor: "the two input tiles, data1 and data2 cannot both reside in PSUM"
+# (legal: both in SBUF, or one in SBUF and one in PSUM); nki.isa.scalar_tensor_tensor says the same
+# of data and operand1. https://awsdocs-neuron.readthedocs-hosted.com/en/latest/nki/api/generated/
+# nki.isa.tensor_tensor.html. An nl.* op on two tiles (nl.add, nl.equal, ...) is such an
+# instruction; whether the compiler would copy one operand out of PSUM for it is not documented,
+# so the executor refuses it, as it refuses the nisa call.
+def check_psum_inputs(operands, name: str) -> None:
+    """At most one input tile of a tensor-tensor instruction may live in PSUM."""
+    in_psum = [o for o in operands if isinstance(o, Tensor) and o.buffer == "psum"]
+    if len(in_psum) > 1:
+        shapes = ", ".join(str(o.shape) for o in in_psum)
+        raise HardwareLimitError(
+            f"{name}: {len(in_psum)} input tiles in PSUM ({shapes}); a Vector Engine tensor-tensor "
+            f"instruction reads at most one input from PSUM (NKI ISA, nki.isa.tensor_tensor). "
+            f"nl.copy one of them to SBUF first")
+
+
+def elementwise(fn, operands, dtype: DType | None = None, mask=None, name: str = "element-wise op",
+                tensor_tensor: bool = True) -> Tensor:
+    """fn over the operands' values in fp32 on the Vector / Scalar Engine; the result is an SBUF
+    tile of `dtype` (default: the promoted dtype of the tile operands). tensor_tensor: the op
+    reads several tiles in one instruction, so at most one of them may be in PSUM."""
+    if mask is not None:
+        raise OutsideSubsetError(f"masked {name} is outside the executor's subset")
+    if tensor_tensor:
+        check_psum_inputs(operands, name)
+    values = [_values(o) for o in operands]
+    tiles = [o for o in operands if isinstance(o, Tensor)]
+    if not tiles:
+        raise TypeError(f"{name} needs at least one tile operand")
+    out_dtype = dtype or promote(*[t.dtype for t in tiles])
+    with np.errstate(all="ignore"):
+        result = fn(*[np.asarray(v, dtype=np.float32) if not isinstance(v, bool) else v for v in values])
+    result = np.asarray(result)
+    counters.vector_elems += result.size
+    return Tensor(cast(result, out_dtype), out_dtype, "sbuf")
+
+
+def reduce(fn, x, axis, dtype: DType | None = None, mask=None, keepdims: bool = False,
+           name: str = "reduction") -> Tensor:
+    """fn (np.sum, np.max) along free axes of one tile."""
+    axes = (axis,) if isinstance(axis, int) else tuple(axis)
+    if 0 in axes:
+        raise HardwareLimitError("reductions run along free axes; reduce partitions with a matmul by ones")
+    return elementwise(lambda v: fn(v, axis=axes, keepdims=keepdims), (x,), dtype, mask, name)

@@ -1,4 +1,7 @@
-"""`neuronxcc.nki.isa` (nisa), the subset our kernels use, executed with NumPy."""
+"""`neuronxcc.nki.isa` (nisa), the subset our kernels use, executed with NumPy.
+
+Builds on `core` only (language builds on this module, never the reverse).
+"""
 
 from __future__ import annotations
 
@@ -41,7 +44,7 @@ def nc_matmul(stationary, moving, *, is_stationary_onezero=False, is_moving_onez
             raise HardwareLimitError(f"is_{name}_onezero=True but the {name} tile holds other values")
     counters.matmul_flops += 2 * k * mm * n
     out = s.data.astype(np.float64).T @ m.data.astype(np.float64)
-    return Tensor(out.astype(np.float32), core.float32, "psum")
+    return core.mark_matmul_result(Tensor(out.astype(np.float32), core.float32, "psum"))
 
 
 def nc_transpose(data, *, mask=None, dtype=None, engine=unknown_engine, **kwargs):
@@ -109,8 +112,7 @@ def scalar_tensor_tensor(*, data, op0, operand0, op1, operand1, reverse0=False, 
     t, other = _tile(data, "data"), _tile(operand1, "operand1")
     if other.shape != t.shape:
         raise HardwareLimitError(f"operand1 {other.shape} must have data's shape {t.shape}")
-    if t.buffer == "psum" and other.buffer == "psum":
-        raise HardwareLimitError("scalar_tensor_tensor: data and operand1 cannot both be in PSUM")
+    core.check_psum_inputs((t, other), "nisa.scalar_tensor_tensor (data and operand1)")
     a = _vector_operand(operand0, t, "operand0")
     v, w = core._values(t).astype(np.float32), core._values(other).astype(np.float32)
     with np.errstate(all="ignore"):
@@ -160,17 +162,25 @@ def iota(expr, dtype, *, mask=None, **kwargs):
     return Tensor(core.cast(values, dtype), dtype, "sbuf")
 
 
-def tensor_reduce(op, data, axis, *, mask=None, dtype=None, negate=False, keepdims=False, **kwargs):
-    from kernels.nki.executor import language
+def tensor_tensor(data1, data2, op, *, dtype=None, mask=None, engine=unknown_engine, **kwargs):
+    """data1 op data2 element-wise on the Vector Engine: same partition size and elements per
+    partition; data1 and data2 cannot both be in PSUM (see core.check_psum_inputs)."""
+    a, b = _tile(data1, "tensor_tensor data1"), _tile(data2, "tensor_tensor data2")
+    if a.shape[0] != b.shape[0] or a.data.size != b.data.size:
+        raise HardwareLimitError(f"tensor_tensor tiles {a.shape} and {b.shape} differ in partitions or "
+                                 "elements per partition")
+    fn = _np_op(op)
+    return core.elementwise(lambda x, y: fn(x, y.reshape(x.shape)), (a, b), dtype, mask,
+                            name=f"nisa.tensor_tensor({getattr(op, '__name__', op)})")
 
+
+def tensor_reduce(op, data, axis, *, mask=None, dtype=None, negate=False, keepdims=False, **kwargs):
     fn = {np.add: np.sum, np.maximum: np.max}.get(_np_op(op))
     if fn is None:
         raise core.OutsideSubsetError(f"tensor_reduce with {op!r} is outside the executor's subset")
-    out = language._reduce(fn, data, axis, dtype, mask, keepdims)
-    return language.multiply(out, -1.0) if negate else out
+    out = core.reduce(fn, data, axis, dtype, mask, keepdims, name="nisa.tensor_reduce")
+    return core.elementwise(np.negative, (out,), name="nisa.tensor_reduce") if negate else out
 
 
 def tensor_copy(src, *, mask=None, dtype=None, engine=unknown_engine, **kwargs):
-    from kernels.nki.executor import language
-
-    return language.copy(src, mask=mask, dtype=dtype)
+    return core.elementwise(lambda v: v, (src,), dtype, mask, name="nisa.tensor_copy")

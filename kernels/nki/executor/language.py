@@ -1,14 +1,16 @@
 """`neuronxcc.nki.language` (nl), the subset our kernels use, executed with NumPy.
 
 Names and signatures follow the public NKI API reference; behaviour beyond what is documented
-there (and needed by kernels/nki) raises instead of guessing.
+there (and needed by kernels/nki) raises instead of guessing. Builds on `core` and `isa`. An op on
+two or more tiles (nl.add, nl.equal, nl.where, a + b, ...) is a tensor-tensor instruction: at most
+one input tile in PSUM (core.check_psum_inputs).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from kernels.nki.executor import core
+from kernels.nki.executor import core, isa
 from kernels.nki.executor.core import (  # noqa: F401  (re-exported as nl.*)
     DynSlice,
     HardwareLimitError,
@@ -159,24 +161,9 @@ def store(dst, value, *, mask=None, **kwargs):
 
 
 # --- element-wise math ------------------------------------------------------------------------
-def _elementwise(fn, operands, dtype=None, mask=None):
-    if mask is not None:
-        raise core.OutsideSubsetError("masked element-wise ops are outside the executor's subset")
-    values = [core._values(o) for o in operands]
-    tiles = [o for o in operands if isinstance(o, Tensor)]
-    if not tiles:
-        raise TypeError("an element-wise NKI op needs at least one tile operand")
-    out_dtype = dtype or core.promote(*[t.dtype for t in tiles])
-    with np.errstate(all="ignore"):
-        result = fn(*[np.asarray(v, dtype=np.float32) if not isinstance(v, bool) else v for v in values])
-    result = np.asarray(result)
-    counters.vector_elems += result.size
-    return Tensor(core.cast(result, out_dtype), out_dtype, "sbuf")
-
-
 def _binary(ufunc, name):
     def op(x, y, *, dtype=None, mask=None, **kwargs):
-        return _elementwise(ufunc, (x, y), dtype, mask)
+        return core.elementwise(ufunc, (x, y), dtype, mask, name=f"nl.{name}")
 
     op.__name__, op._np = name, ufunc
     return op
@@ -184,7 +171,7 @@ def _binary(ufunc, name):
 
 def _unary(fn, name):
     def op(x, *, dtype=None, mask=None, **kwargs):
-        return _elementwise(fn, (x,), dtype, mask)
+        return core.elementwise(fn, (x,), dtype, mask, name=f"nl.{name}")
 
     op.__name__, op._np = name, fn
     return op
@@ -215,41 +202,31 @@ negative = _unary(np.negative, "negative")
 
 
 def copy(src, *, mask=None, dtype=None, **kwargs):
-    return _elementwise(lambda v: v, (src,), dtype, mask)
+    return core.elementwise(lambda v: v, (src,), dtype, mask, name="nl.copy")
 
 
 copy._np = lambda v: v
 
 
 def where(condition, x, y, *, dtype=None, mask=None, **kwargs):
-    return _elementwise(lambda c, a, b: np.where(c != 0, a, b), (condition, x, y), dtype, mask)
-
-
-def _reduce(fn, x, axis, dtype, mask, keepdims):
-    axes = (axis,) if isinstance(axis, int) else tuple(axis)
-    if 0 in axes:
-        raise HardwareLimitError("reductions run along free axes; reduce partitions with a matmul by ones")
-    return _elementwise(lambda v: fn(v, axis=axes, keepdims=keepdims), (x,), dtype, mask)
+    return core.elementwise(lambda c, a, b: np.where(c != 0, a, b), (condition, x, y), dtype, mask,
+                            name="nl.where")
 
 
 def sum(x, axis, *, dtype=None, mask=None, keepdims=False, **kwargs):  # noqa: A001 (public name)
-    return _reduce(np.sum, x, axis, dtype, mask, keepdims)
+    return core.reduce(np.sum, x, axis, dtype, mask, keepdims, name="nl.sum")
 
 
 def max(x, axis, *, dtype=None, mask=None, keepdims=False, **kwargs):  # noqa: A001 (public name)
-    return _reduce(np.max, x, axis, dtype, mask, keepdims)
+    return core.reduce(np.max, x, axis, dtype, mask, keepdims, name="nl.max")
 
 
 # --- Tensor-engine helpers --------------------------------------------------------------------
 def matmul(x, y, *, transpose_x=False, mask=None, **kwargs):
     """x @ y; with transpose_x, x is given as x.T ([K, M], the contraction on partitions)."""
-    from kernels.nki.executor import isa
-
     stationary = x if transpose_x else copy(isa.nc_transpose(x))
     return isa.nc_matmul(stationary, y, mask=mask)
 
 
 def transpose(x, *, dtype=None, mask=None, **kwargs):
-    from kernels.nki.executor import isa
-
     return isa.nc_transpose(x, dtype=dtype, mask=mask)
