@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat requirements.txt neuron/requirements-cpu-test.txt | cksum | cut -d' ' -f1)
 TESTS  ?= tests
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench clean slurm-start slurm-stop slurm-status
 
 # Idle OpenMP threads sleep instead of spinning: on a busy machine spinning threads took the CPU
 # from the ones doing the work (bench/bench_threads.py). Set OMP_WAIT_POLICY yourself to override.
@@ -39,6 +39,11 @@ bench: setup
 	$(BIN)/python bench/bench_kernels.py
 	$(BIN)/python bench/bench_train_step.py
 	$(BIN)/python bench/bench_recipe.py
+
+# A one-machine Slurm (root; apt-get install slurm-wlm munge) to try `sbatch slurm.sh` on:
+# README "Running a local Slurm". The stop ends only the daemons the start began.
+slurm-start slurm-stop slurm-status:
+	tests/slurm/cluster.sh $(@:slurm-%=%)
 
 clean:
 	rm -rf $(VENV) kernels/_build runs .pytest_cache
