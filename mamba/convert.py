@@ -11,10 +11,12 @@ Writes: native, hf, state-spaces. Tensors stream one at a time; the output folde
 when complete.
 
 Mamba-2's gated RMSNorm with n_groups > 1 comes in two forms: per group (state-spaces, NVIDIA,
-transformers >= 5; our default) and across all channels (transformers < 5). `--gated-norm` sets
-it for any source; without it an hf source decides by the transformers_version it was saved
-with. `--to hf` warns when the target transformers (`--transformers-version`, default: the
-installed one) would compute the other form.
+transformers >= 5, transformers 4.x's CUDA training path: how such models are trained) and across
+all channels (transformers < 5's torch path). Per group is the default for every source, whichever
+transformers saved it; `--gated-norm across-channels` is the explicit other choice, and a source
+that records its own (our folders) keeps it. A note says which form was used. `--to hf` warns when
+the target transformers (`--transformers-version`, default: the installed one) would compute the
+other form.
 """
 
 from __future__ import annotations
@@ -30,7 +32,15 @@ from pathlib import Path
 
 import torch
 
-from mamba.interop.hf import GATED_NORMS, hf_config, mamba2_ngroups, read_hf, with_gated_norm, write_hf
+from mamba.interop.hf import (
+    GATED_NORMS,
+    gated_norm_note,
+    hf_config,
+    mamba2_ngroups,
+    read_hf,
+    with_gated_norm,
+    write_hf,
+)
 from mamba.interop.megatron import read_megatron
 from mamba.interop.native import read_composer, read_folder, write_native, write_state_spaces
 from mamba.interop.tensors import Checkpoint, ConvertError
@@ -61,7 +71,7 @@ def read_checkpoint(fmt: str, src: str | Path, *, config: str | Path | None = No
         ckpt = read_megatron(src, ngroups=ngroups, num_heads=num_heads, num_kv_heads=num_kv_heads,
                              mlp_activation=mlp_activation, unsafe=unsafe_pickle)
     elif fmt == "neuron":
-        from neuron.checkpoint import read_neuron  # merges the TP shards; needs neither NxD nor XLA
+        from mamba.interop.neuron import read_neuron  # merges the TP shards; needs neither NxD nor XLA
 
         ckpt = read_neuron(src)
     else:
@@ -70,6 +80,12 @@ def read_checkpoint(fmt: str, src: str | Path, *, config: str | Path | None = No
         if not mamba2_ngroups(ckpt.config):
             raise ConvertError(f"--gated-norm {gated_norm}: {src} has no Mamba-2 layers")
         ckpt.config = with_gated_norm(ckpt.config, gated_norm == GATED_NORMS[1])
+        how = f"as --gated-norm {gated_norm} asks"
+    elif "norm_across_channels" in ckpt.config.ssm_cfg:
+        how = "as the source's config records"
+    else:
+        how = "the default for every source"
+    ckpt.notes.extend(gated_norm_note(ckpt.config, str(src), how))
     return ckpt
 
 
@@ -151,8 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="megatron: MLP activation (default from args: relu2 if squared_relu else gelu)")
     p.add_argument("--gated-norm", choices=GATED_NORMS,
                    help="Mamba-2 gated RMSNorm when n_groups > 1: per-group (state-spaces, NVIDIA, "
-                        "transformers >= 5) or across-channels (transformers < 5). Default: from the "
-                        "source (hf: the transformers_version that saved it)")
+                        "transformers >= 5, transformers 4.x's CUDA training path) or across-channels "
+                        "(transformers < 5's torch path). Default: per-group for every source, "
+                        "unless the source records its own (our folders)")
     p.add_argument("--transformers-version", metavar="VERSION",
                    help="hf export: the transformers that will load DST, to warn if it would compute "
                         "the gated norm differently (default: the installed version)")

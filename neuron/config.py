@@ -41,6 +41,14 @@ class Settings:
     grad_clip: float
     seed: int
     shuffle: bool
+    data_seed: int  # data.shuffle_seed, else seed
+    train_split: str
+    num_canonical_nodes: int | None
+    num_workers: int
+    prefetch_factor: int | None
+    scheduler: str  # cosine, linear or constant (scheduler.name)
+    optimizer: str  # adamw or decoupled_adamw (optimizer.name)
+    dist_timeout: float
     checkpoint_dir: str | None
     checkpoint_every: int
     keep_last: int | None
@@ -49,6 +57,8 @@ class Settings:
     activation_checkpointing: bool
     log_every: int
     metrics_file: str | None
+    unused_keys: list[str]  # YAML keys of the Composer launcher that mean nothing here (named at start)
+    resume_tag: str | None = None  # step_N to resume from (check_resume)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -65,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="a data.prepare output folder (default: the YAML's data.local)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree")
     p.add_argument("--zero1", action="store_true", help="ZeRO-1: optimizer state sharded over DP ranks")
-    p.add_argument("--dtype", default="float32", help="weights: float32 or bfloat16 (fp32 master in ZeRO-1)")
+    p.add_argument("--dtype", help="weights: float32 or bfloat16 (fp32 master in ZeRO-1); default from "
+                                   "the YAML's precision (fp32 -> float32, amp_bf16 -> bfloat16)")
     p.add_argument("--micro-batch", type=int, help="rows per microbatch (default data.micro_batch_size)")
     p.add_argument("--grad-accum", type=int, help="microbatches per step (default: global batch)")
     p.add_argument("--max-steps", type=int, help="optimizer steps (default: the YAML's max_duration in ba)")
@@ -80,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-last", type=int, help="checkpoints kept (default save_num_checkpoints_to_keep)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint there")
     p.add_argument("--init-from", help="start from a native (save_pretrained / converted) folder")
-    p.add_argument("--log-every", type=int, default=10, help="steps between log lines")
+    p.add_argument("--log-every", type=int, help="steps between log lines (default console_log_interval)")
     p.add_argument("--metrics-file", help="append one JSON line per logged step here")
     p.add_argument("--sequence-parallel", action="store_true",
                    help="not supported: Mamba mixers scan the whole sequence on each rank")
@@ -123,8 +134,23 @@ def _check_init_from(folder: str, model: MambaConfig) -> None:
                           f"use its model: section")
 
 
-def parse_settings(argv: list[str], world_size: int = 1) -> Settings:
-    """argv (without the program name) -> Settings, or a one-line ConfigError."""
+PRECISION_DTYPES = {"fp32": "float32", "amp_bf16": "bfloat16"}
+
+
+def _dtype(args, cfg: TrainConfig) -> str:
+    if args.dtype is not None:
+        return args.dtype
+    if cfg.precision not in PRECISION_DTYPES:
+        raise ConfigError(f"precision={cfg.precision}: neuron/train.py trains in float32 or bfloat16; set "
+                          f"precision: amp_bf16 (with --zero1) or fp32, or give --dtype")
+    return PRECISION_DTYPES[cfg.precision]
+
+
+def parse_settings(argv: list[str], world_size: int | None = 1) -> Settings:
+    """argv (without the program name) -> Settings, or a one-line ConfigError. world_size None:
+    not started by torchrun (no WORLD_SIZE), one process."""
+    from neuron.yaml_keys import check_keys
+
     args = build_parser().parse_args(argv)
     if args.config and "=" in args.config:  # only overrides were given
         args.overrides.insert(0, args.config)
@@ -132,7 +158,7 @@ def parse_settings(argv: list[str], world_size: int = 1) -> Settings:
     if args.sequence_parallel:
         raise ConfigError("--sequence-parallel is not supported: each Mamba mixer scans the whole sequence "
                           "on its rank (TP splits heads instead); drop the flag")
-    if args.dtype not in DTYPES:
+    if args.dtype is not None and args.dtype not in DTYPES:
         raise ConfigError(f"--dtype {args.dtype}: must be one of {', '.join(DTYPES)}")
     for name in ("tp", "micro_batch", "grad_accum", "max_steps", "checkpoint_every", "log_every", "lr"):
         _positive(f"--{name.replace('_', '-')}", getattr(args, name))
@@ -141,11 +167,17 @@ def parse_settings(argv: list[str], world_size: int = 1) -> Settings:
         _positive(f"--{name.replace('_', '-')}", getattr(args, name), allow_zero=True)
     if args.min_lr_ratio is not None and args.min_lr_ratio > 1:
         raise ConfigError(f"--min-lr-ratio {args.min_lr_ratio}: must be between 0 and 1")
-    cfg: TrainConfig = parse_config(load_yaml(args.config, args.overrides))
+    values = load_yaml(args.config, args.overrides)
+    cfg: TrainConfig = parse_config(values)
+    unused_keys = check_keys(values, cfg)
     seq_len = cfg.data.seq_len
     if seq_len % NKI_CHUNK:
         raise ConfigError(f"data.seq_len={seq_len}: must be a multiple of {NKI_CHUNK} (the NKI scan chunk), "
                           f"e.g. {max(NKI_CHUNK, seq_len // NKI_CHUNK * NKI_CHUNK)}")
+    if args.tp > 1 and world_size is None:
+        raise ConfigError(f"--tp {args.tp} needs {args.tp} processes (or a multiple): launch with "
+                          f"torchrun --nproc_per_node {args.tp} neuron/train.py ...")
+    world_size = world_size or 1
     if args.tp > 1 and world_size % args.tp:
         raise ConfigError(f"--tp {args.tp} does not divide the world size {world_size}")
     dp = max(1, world_size // args.tp)
@@ -158,8 +190,10 @@ def parse_settings(argv: list[str], world_size: int = 1) -> Settings:
             raise ConfigError(f"data.global_batch_size={global_batch} is not a multiple of micro batch "
                               f"{micro} x data-parallel ranks {dp}; change it or give --grad-accum")
         accum = global_batch // (micro * dp)
-    if args.dtype == "bfloat16" and not args.zero1:
-        raise ConfigError("--dtype bfloat16 needs --zero1 (its optimizer keeps the fp32 master weights)")
+    dtype = _dtype(args, cfg)
+    if dtype == "bfloat16" and not args.zero1:
+        given = "--dtype bfloat16" if args.dtype else f"precision={cfg.precision} (bfloat16)"
+        raise ConfigError(f"{given} needs --zero1 (its optimizer keeps the fp32 master weights)")
     if args.max_steps is not None:
         max_steps = args.max_steps
     elif cfg.max_duration is not None:
@@ -179,7 +213,7 @@ def parse_settings(argv: list[str], world_size: int = 1) -> Settings:
         config_path=args.config, model=model, data=data, remote=cfg.data.remote,
         seq_len=seq_len,
         micro_batch=micro, global_batch=global_batch, grad_accum=accum, tp=args.tp, zero1=args.zero1,
-        dtype=args.dtype, max_steps=max_steps, lr=args.lr or cfg.optimizer.lr,
+        dtype=dtype, max_steps=max_steps, lr=args.lr or cfg.optimizer.lr,
         min_lr_ratio=cfg.scheduler.alpha_f if args.min_lr_ratio is None else args.min_lr_ratio,
         warmup_steps=(args.warmup_steps if args.warmup_steps is not None
                       else _steps(cfg.scheduler.warmup, "scheduler.warmup", max_steps)),
@@ -187,8 +221,51 @@ def parse_settings(argv: list[str], world_size: int = 1) -> Settings:
         weight_decay=cfg.optimizer.weight_decay if args.weight_decay is None else args.weight_decay,
         grad_clip=cfg.grad_clip_norm if args.grad_clip is None else args.grad_clip,
         seed=cfg.seed if args.seed is None else args.seed, shuffle=cfg.data.shuffle,
+        data_seed=(cfg.data.shuffle_seed if cfg.data.shuffle_seed is not None
+                   else cfg.seed if args.seed is None else args.seed),
+        train_split=cfg.data.train_split, num_canonical_nodes=cfg.data.num_canonical_nodes,
+        num_workers=cfg.data.num_workers, prefetch_factor=cfg.data.prefetch_factor,
+        scheduler=cfg.scheduler.name, optimizer=cfg.optimizer.name, dist_timeout=cfg.dist_timeout,
         checkpoint_dir=checkpoint_dir,
         checkpoint_every=args.checkpoint_every or _steps(cfg.save_interval, "save_interval"),
         keep_last=None if keep in (-1, 0) else keep, resume=args.resume, init_from=init_from,
         activation_checkpointing=cfg.model.activation_checkpointing,
-        log_every=args.log_every, metrics_file=args.metrics_file)
+        log_every=args.log_every or max(1, _steps(cfg.console_log_interval, "console_log_interval",
+                                                  max_steps)),
+        metrics_file=args.metrics_file, unused_keys=unused_keys)
+
+
+def check_resume(s: Settings) -> str | None:
+    """--resume: the newest completed checkpoint in s.checkpoint_dir, written with this run's --tp,
+    model and optimizer sharding (else a one-line ConfigError, before any model is built)."""
+    from mamba.interop.neuron import latest_tag, read_user_content
+
+    if not s.resume:
+        return None
+    tag = latest_tag(s.checkpoint_dir)
+    if tag is None:
+        raise ConfigError(f"--resume: no completed checkpoint (step_N with a done file) in "
+                          f"{s.checkpoint_dir}")
+    where = os.path.join(s.checkpoint_dir, tag)
+    try:
+        content = read_user_content(where)
+        theirs = MambaConfig.from_dict(content["model_config"]).to_dict()
+    except (ValueError, TypeError, OSError, KeyError) as err:
+        raise ConfigError(f"--resume: {err}") from None
+    restart = (f"; or start a new run from its weights: python -m mamba.convert --from neuron {where} "
+               f"--to native DIR, then --init-from DIR")
+    tp = int(content.get("tp", 1))
+    if tp != s.tp:
+        raise ConfigError(f"--resume: {where} was trained with --tp {tp}, this run has --tp {s.tp}; "
+                          f"resume with --tp {tp}{restart}")
+    ours = s.model.to_dict()
+    differ = [f"{k}: {theirs.get(k)!r} there, {ours[k]!r} here" for k in ours if theirs.get(k) != ours[k]]
+    if differ:
+        raise ConfigError(f"--resume: {where} holds another model ({'; '.join(differ[:3])}); resume with "
+                          f"its model: section{restart}")
+    zero1 = content.get("zero1")
+    if zero1 is not None and bool(zero1) != s.zero1:
+        flag = "with --zero1" if zero1 else "without --zero1"
+        raise ConfigError(f"--resume: {where} was trained {flag} (its optimizer state is sharded "
+                          f"{'over' if zero1 else 'not over'} data-parallel ranks); resume {flag}{restart}")
+    return tag

@@ -170,17 +170,27 @@ def parallelize(model: MambaLMHeadModel, tp: int) -> MambaLMHeadModel:
     return model
 
 
-def lm_loss(logits_parallel: torch.Tensor, labels: torch.Tensor, normaliser) -> torch.Tensor:
+def lm_loss(logits_parallel: torch.Tensor, labels: torch.Tensor, normaliser, vocab_size: int) -> torch.Tensor:
     """sum over labelled tokens of cross entropy / normaliser, from this rank's vocabulary slice
-    [b, l, V/tp] (NxD's parallel cross entropy; exact for any tp, tp=1 included)."""
+    [b, l, V/tp] of the padded vocabulary (NxD's parallel cross entropy; exact for any tp, tp=1
+    included). The padding rows (ids >= vocab_size) are no classes, as in the Composer recipe
+    (mamba/model/loss.py): their logits are pushed to the lowest float, so they add nothing to the
+    softmax and get no gradient."""
     import_nxd()
+    from neuronx_distributed.parallel_layers import parallel_state as ps
     from neuronx_distributed.parallel_layers.loss_functions import parallel_cross_entropy
 
     mask = labels != IGNORE_INDEX
     targets = torch.where(mask, labels, torch.zeros_like(labels))
     # a copy in at least float32: NxD's parallel cross entropy shifts its input in place
     dtype = torch.promote_types(logits_parallel.dtype, torch.float32)
-    per_token = parallel_cross_entropy(logits_parallel.to(dtype, copy=True), targets)
+    logits = logits_parallel.to(dtype, copy=True)
+    local = logits.shape[-1]
+    first = ps.get_tensor_model_parallel_rank() * local
+    if first + local > vocab_size:
+        padding = torch.arange(first, first + local, device=logits.device) >= vocab_size
+        logits.masked_fill_(padding, torch.finfo(dtype).min)
+    per_token = parallel_cross_entropy(logits, targets)
     return (per_token * mask).sum() / normaliser
 
 

@@ -139,7 +139,7 @@ class World:
     device: torch.device
 
 
-def init_distributed(tp: int) -> World:
+def init_distributed(tp: int, timeout_s: float | None = None) -> World:
     """Join the ranks (torchrun's environment, or a world of one) and build NxD's TP/DP groups."""
     nxd = import_nxd()
     from neuronx_distributed.parallel_layers import parallel_state as ps
@@ -157,12 +157,15 @@ def init_distributed(tp: int) -> World:
     if world_size % tp:
         raise ValueError(f"--tp {tp} does not divide the world size {world_size}")
     if not torch.distributed.is_initialized():
+        import datetime
+
+        timeout = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=timeout_s)}
         if run_mode == CPU:
-            torch.distributed.init_process_group("gloo")
+            torch.distributed.init_process_group("gloo", **timeout)
         else:
             import torch_xla.distributed.xla_backend  # noqa: F401 - registers the xla backend
 
-            torch.distributed.init_process_group("xla", init_method="xla://")
+            torch.distributed.init_process_group("xla", init_method="xla://", **timeout)
     if not ps.model_parallel_is_initialized():
         ps.initialize_model_parallel(tensor_model_parallel_size=tp)
     if run_mode == CPU:
@@ -202,3 +205,70 @@ def barrier(tag: str = "neuron barrier") -> None:
         import torch_xla.core.xla_model as xm
 
         xm.rendezvous(tag)
+
+
+def exit_with_parent() -> None:
+    """Under torchrun: end this worker when its launcher ends, even by kill -9 (which gives the
+    launcher no chance to stop its workers). Linux: the kernel's parent-death signal; elsewhere a
+    thread that watches the parent process id."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:  # started by hand (nohup, a shell): outlive the shell
+        return
+    parent = os.getppid()
+    try:
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        if libc.prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
+    except (OSError, AttributeError):
+        import threading
+        import time
+
+        def watch():
+            while os.getppid() == parent:
+                time.sleep(1.0)
+            os._exit(1)
+
+        threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+    if os.getppid() != parent:  # the launcher ended before the signal was armed
+        os._exit(1)
+
+
+_LOG_HANDLERS: dict = {}
+
+
+def log_to_file(path: str) -> None:
+    """neuronx-distributed's INFO lines and Python warnings go to `path`, not the console. NxD gives
+    each of its loggers its own stdout handler when first asked for it: those already made are
+    redirected here, and those made later as they are made. Call again to sweep up stragglers."""
+    import logging
+
+    handler = _LOG_HANDLERS.get(path)
+    if handler is None:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        handler = _LOG_HANDLERS[path] = logging.FileHandler(path)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname).1s %(name)s: %(message)s"))
+
+    def redirect(logger: logging.Logger) -> logging.Logger:
+        logger.handlers = [handler]
+        logger.propagate = False
+        return logger
+
+    logging.captureWarnings(True)
+    redirect(logging.getLogger("py.warnings"))
+    import_nxd()
+    import neuronx_distributed.utils.logger as nxd_logger
+
+    if not getattr(nxd_logger.get_logger, "_to_file", False):
+        original = nxd_logger.get_logger
+
+        def get_logger(*args, **kwargs):
+            return redirect(original(*args, **kwargs))
+
+        get_logger._to_file = True
+        nxd_logger.get_logger = get_logger
+    for name, logger in list(logging.Logger.manager.loggerDict.items()):
+        if isinstance(logger, logging.Logger) and name.startswith(("neuronx_distributed", "torch_xla")):
+            redirect(logger)

@@ -23,7 +23,7 @@ if __package__ in (None, ""):  # run as a script (python neuron/train.py, torchr
 
 
 from mamba.strict import ConfigError  # noqa: E402
-from neuron.config import DEFAULT_CONFIG, NKI_CHUNK, Settings, parse_settings  # noqa: E402
+from neuron.config import DEFAULT_CONFIG, NKI_CHUNK, Settings, check_resume, parse_settings  # noqa: E402
 
 PEAK_FLOPS = {"bfloat16": 95e12, "float32": 23.75e12}  # per NeuronCore-v2 (trn1: 190 / 47.5 TFLOPS per chip)
 
@@ -32,12 +32,12 @@ def check_data(s: Settings) -> None:
     from data.dataset import load_shard_meta
     from data.errors import DataError
 
-    split = os.path.join(s.data, "train")
+    split = os.path.join(s.data, s.train_split)
     default = Path(s.config_path).resolve() == DEFAULT_CONFIG and s.data == "runs/data/tiny"
     if default and not s.remote and not os.path.isdir(split):
         _prepare_tiny(s)
     try:
-        meta = load_shard_meta(split, os.path.join(s.remote, "train") if s.remote else None)
+        meta = load_shard_meta(split, os.path.join(s.remote, s.train_split) if s.remote else None)
     except DataError as err:
         raise ConfigError(f"--data {s.data}: {err}") from None
     if meta.seq_len != s.seq_len:
@@ -93,25 +93,34 @@ class Batches:
         self.samples_in_epoch = int(state["sample_in_epoch"])
 
 
+def log_file(s: Settings) -> str:
+    """Where neuronx-distributed's log lines and warnings go (one file per rank)."""
+    return os.path.join(s.checkpoint_dir, "logs", f"neuron-rank{os.environ.get('RANK', '0')}.log")
+
+
 def run(s: Settings) -> dict:
     from data.dataset import build_dataloader
     from mamba.model.flops import training_flops
     from neuron import checkpoint
-    from neuron.runtime import NEURON, init_distributed, mode
+    from neuron.runtime import NEURON, init_distributed, log_to_file, mode
     from neuron.trainer import build_model, build_optimizer, lr_at, step_loss, train_step
 
-    world = init_distributed(s.tp)
+    log_to_file(log_file(s))
+    world = init_distributed(s.tp, s.dist_timeout)
     main = world.rank == 0
+    if main and s.unused_keys:
+        print(f"note: not used by neuron/train.py (Composer-launcher settings): {', '.join(s.unused_keys)}",
+              flush=True)
     model = build_model(s, world)
     optimizer = build_optimizer(model, s, world)
-    loader = build_dataloader(s.data, s.remote, split="train", batch_size=s.micro_batch, shuffle=s.shuffle,
-                              seed=s.seed, replication=s.tp if s.tp > 1 else None)
+    loader = build_dataloader(s.data, s.remote, split=s.train_split, batch_size=s.micro_batch,
+                              shuffle=s.shuffle, seed=s.data_seed, num_workers=s.num_workers,
+                              prefetch_factor=s.prefetch_factor, num_canonical_nodes=s.num_canonical_nodes,
+                              replication=s.tp if s.tp > 1 else None)
     batches = Batches(loader, s.micro_batch * world.dp)
     step = 0
-    if s.resume:
-        tag = checkpoint.latest_tag(s.checkpoint_dir)
-        if tag is None:
-            raise ConfigError(f"--resume: no completed checkpoint in {s.checkpoint_dir}")
+    if s.resume_tag:
+        tag = s.resume_tag
         content = checkpoint.load(s.checkpoint_dir, tag, model, optimizer)
         step = int(content["step"])
         batches.restore(content["data"])
@@ -123,7 +132,7 @@ def run(s: Settings) -> dict:
     if main:
         print(f"neuron/train.py: {world.mode}, world {world.world_size} (tp {s.tp} x dp {world.dp}), "
               f"{rows} rows x {s.seq_len} tokens per step, {s.max_steps} steps, {s.dtype}"
-              f"{', zero1' if s.zero1 else ''}", flush=True)
+              f"{', zero1' if s.zero1 else ''}; NxD's log: {log_file(s)}", flush=True)
     last = {}
     window_start, window_steps = time.perf_counter(), 0
     while step < s.max_steps:
@@ -147,8 +156,10 @@ def run(s: Settings) -> dict:
                         f.write(json.dumps(last) + "\n")
             window_start, window_steps = time.perf_counter(), 0
         if s.checkpoint_dir and (step % s.checkpoint_every == 0 or step == s.max_steps):
-            content = {"step": step, "data": batches.state(), "model_config": s.model.to_dict(), "tp": s.tp}
+            content = {"step": step, "data": batches.state(), "model_config": s.model.to_dict(), "tp": s.tp,
+                       "zero1": s.zero1}
             where = checkpoint.save(s.checkpoint_dir, step, model, optimizer, content, s.keep_last)
+            log_to_file(log_file(s))  # loggers NxD's checkpoint code made on first use
             if main:
                 print(f"checkpoint {where}", flush=True)
             window_start = time.perf_counter()
@@ -159,11 +170,14 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     from data.errors import DataError
     from mamba.model.tp_plan import check_tp
-    from neuron.runtime import missing_packages
+    from neuron.runtime import exit_with_parent, missing_packages
 
+    exit_with_parent()
     try:  # everything a user's flags or config can get wrong, before anything runs
-        s = parse_settings(argv, int(os.environ.get("WORLD_SIZE", "1")))
+        world_size = os.environ.get("WORLD_SIZE")
+        s = parse_settings(argv, int(world_size) if world_size else None)
         check_tp(s.model, s.tp)
+        s.resume_tag = check_resume(s)
         check_data(s)
         missing = missing_packages()
         if missing:

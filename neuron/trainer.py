@@ -31,7 +31,11 @@ def build_model(s: Settings, world: World) -> MambaLMHeadModel:
         model.to(torch.bfloat16)
     if s.activation_checkpointing:
         checkpoint_blocks(model, world)
-    return model.to(world.device)
+    model = model.to(world.device)
+    # Moving to an XLA device gives every parameter attribute a new tensor of its own, so a tied head
+    # would train apart from the embedding; tie again before the optimizer sees the parameters.
+    model.tie_weights()
+    return model
 
 
 def checkpoint_blocks(model: MambaLMHeadModel, world: World) -> None:
@@ -65,7 +69,10 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: torch.nn.Module, s: Settings, world: World) -> torch.optim.Optimizer:
-    groups = param_groups(model, s.weight_decay)
+    """torch AdamW. optimizer.name decoupled_adamw is Composer's DecoupledAdamW, whose decay per step is
+    weight_decay * lr_t / lr (not scaled by lr): AdamW with weight_decay / lr does exactly that."""
+    weight_decay = s.weight_decay / s.lr if s.optimizer == "decoupled_adamw" else s.weight_decay
+    groups = param_groups(model, weight_decay)
     kwargs = dict(lr=s.lr, betas=s.betas, eps=s.eps)
     if not s.zero1:
         return torch.optim.AdamW(groups, **kwargs)
@@ -77,7 +84,7 @@ def build_optimizer(model: torch.nn.Module, s: Settings, world: World) -> torch.
 
         zero = ZeroRedundancyOptimizer(groups[0]["params"], optimizer_class=torch.optim.AdamW,
                                        process_group=ps.get_data_parallel_group(),
-                                       weight_decay=s.weight_decay, **kwargs)
+                                       weight_decay=weight_decay, **kwargs)
         zero.add_param_group(groups[1])
         return zero
     from neuronx_distributed.optimizer import NeuronZero1Optimizer
@@ -89,12 +96,18 @@ def build_optimizer(model: torch.nn.Module, s: Settings, world: World) -> torch.
 
 
 def lr_at(step: int, s: Settings) -> float:
-    """Linear warmup to s.lr over warmup_steps, then cosine down to min_lr_ratio * lr at max_steps."""
+    """The lr of optimizer step `step` (0-based), as Composer's {Cosine,Linear,Constant}WithWarmupScheduler
+    give it for batch `step`: linear warmup from 0 over warmup_steps, then (scheduler.name) cosine or
+    linear down to min_lr_ratio * lr at max_steps, or constant."""
     if step < s.warmup_steps:
-        return s.lr * (step + 1) / s.warmup_steps
-    span = max(1, s.max_steps - s.warmup_steps)
-    progress = min(1.0, (step - s.warmup_steps) / span)
+        return s.lr * step / s.warmup_steps
+    if s.scheduler == "constant":
+        return s.lr
+    span = s.max_steps - s.warmup_steps
+    progress = min(1.0, (step - s.warmup_steps) / span) if span > 0 else 0.0
     floor = s.min_lr_ratio
+    if s.scheduler == "linear":
+        return s.lr * (1 + (floor - 1) * progress)
     return s.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
@@ -157,7 +170,7 @@ def train_step(model, optimizer, microbatches: list[dict], step: int, s: Setting
     for mb in microbatches:
         batch = {k: v.to(world.device) for k, v in mb.items()}
         logits = model(batch["input_ids"], seq_idx=batch["seq_idx"])
-        loss = lm_loss(logits, batch["labels"], normaliser)
+        loss = lm_loss(logits, batch["labels"], normaliser, s.model.vocab_size)
         loss.backward()
         total += loss.detach()
         mark_step()

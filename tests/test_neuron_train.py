@@ -106,6 +106,12 @@ def test_tiny_default_trains_checkpoints_and_resumes_bit_identically(tmp_path):
                           env=_env(pjrt_device=None), capture_output=True, text=True, timeout=380)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "xla_cpu, world 1 (tp 1 x dp 1)" in proc.stdout
+    # the YAML's Composer-launcher keys are named; NxD's INFO lines and warnings are in a log file
+    assert "note: not used by neuron/train.py (Composer-launcher settings): " in proc.stdout
+    console = proc.stdout + proc.stderr
+    assert "neuronx_distributed" not in console and "Warning" not in console, console
+    nxd_log = run_a / "runs" / "tiny" / "neuron-checkpoints" / "logs" / "neuron-rank0.log"
+    assert "initializing tensor model parallel with size 1" in nxd_log.read_text()
     losses = [m["loss"] for m in _metrics(run_a / "m.jsonl")]
     assert len(losses) == 4 and losses[-1] < losses[0] - 0.1, losses
     ckpts = run_a / "runs" / "tiny" / "neuron-checkpoints"
@@ -158,7 +164,7 @@ def test_zero1_steps_equal_adamw_steps(tmp_path):
     (["--sequence-parallel"], "--sequence-parallel is not supported"),
     (["data.seq_len=200"], "data.seq_len=200: must be a multiple of 128"),
     (["model.d_modle=64"], "did you mean config.model.d_model"),
-    (["--tp", "2"], "--tp 2 does not divide the world size 1"),
+    (["--tp", "2"], "--tp 2 needs 2 processes (or a multiple): launch with torchrun --nproc_per_node 2"),
     (["--max-steps", "-3"], "--max-steps -3: must be > 0"),
     (["--min-lr-ratio", "2"], "--min-lr-ratio 2.0: must be between 0 and 1"),
     (["--data", "/nonexistent/shards"], "--data /nonexistent/shards"),
