@@ -1,26 +1,43 @@
 """Stream DataLayout shards as model batches: ``input_ids``, ``labels``, ``seq_idx``.
 
-``local`` is the per-node cache (or the data itself when ``remote`` is None); ``remote`` is
-where the shards live: s3://, gs://, oci://..., or a shared folder. Shuffling, multi-node
-partitioning (``num_canonical_nodes``) and mid-epoch resumption (``state_dict`` /
-``load_state_dict``, which Composer calls for us) come from mosaicml-streaming.
+``local`` is the data itself when ``remote`` is None; with a ``remote`` (s3://, gs://, oci://...,
+or a shared folder) it is a cache root, and each remote split gets its own folder in it, named
+after the remote and its index.json (``<bucket_path_split>-<hash>/``, with ``source.json``), so
+jobs sharing one cache never read each other's shards. Shuffling, multi-node partitioning
+(``num_canonical_nodes``) and mid-epoch resumption (``state_dict`` / ``load_state_dict``, which
+Composer calls for us) come from mosaicml-streaming.
+
+Several readers at once: nodes sharing one folder fetch and decompress shards safely
+(:class:`SharedCacheStream`), and jobs starting together on one machine get distinct shared
+memory, with the segments of killed processes cleaned (``data/shm.py``).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import re
 import uuid
 from typing import Any
 
 import numpy as np
 import torch
-from streaming import StreamingDataset
+from streaming import Stream, StreamingDataset
+from streaming.base.compression import decompress
+from streaming.base.format.base.reader import FileInfo
+from streaming.base.hashing import get_hash
 from streaming.base.storage import CloudDownloader
 from torch.utils.data import DataLoader
 
+from data import shm
 from data.errors import DataError
 from data.layout import IGNORE_INDEX, LAYOUT_FILENAME, ShardMeta, decode_row
 
 BATCH_KEYS = ("input_ids", "labels", "seq_idx")
+INDEX_FILENAME = "index.json"
+SOURCE_FILENAME = "source.json"
+
+shm.install()  # several jobs on one machine: see data/shm.py
 
 
 class CorruptShardError(RuntimeError):
@@ -33,6 +50,22 @@ def split_paths(local: str, remote: str | None, split: str | None) -> tuple[str,
     return os.path.join(local, split), (os.path.join(remote, split) if remote else None)
 
 
+def _private_name(path: str) -> str:
+    """A temporary name no other process (rank, node, job) writing ``path`` at the same time uses."""
+    return f"{path}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+
+
+def _fetch(remote_dir: str, name: str, path: str, timeout: float) -> None:
+    """Download ``remote_dir/name`` to ``path``; every rank may fetch at once, so through a private
+    temporary name and an atomic rename."""
+    tmp = _private_name(path)
+    try:
+        CloudDownloader.direct_download(os.path.join(remote_dir, name), tmp, timeout)
+    except Exception as err:  # noqa: BLE001 - each object store raises its own kinds
+        raise DataError(f"cannot fetch {name} from {remote_dir}: {err}") from None
+    os.replace(tmp, path)
+
+
 def load_shard_meta(local_dir: str, remote_dir: str | None = None, timeout: float = 60.0) -> ShardMeta:
     """Read a split's layout.json, fetching it into the local cache first when it is remote."""
     path = os.path.join(local_dir, LAYOUT_FILENAME)
@@ -40,14 +73,95 @@ def load_shard_meta(local_dir: str, remote_dir: str | None = None, timeout: floa
         if remote_dir is None:
             raise DataError(f"{path} not found: is {local_dir} a split folder written by data.prepare?")
         os.makedirs(local_dir, exist_ok=True)
-        # Every rank may fetch at once; a private temporary name and an atomic rename keep that safe.
-        tmp = f"{path}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-        try:
-            CloudDownloader.direct_download(os.path.join(remote_dir, LAYOUT_FILENAME), tmp, timeout)
-        except Exception as err:  # noqa: BLE001 - each object store raises its own kinds
-            raise DataError(f"cannot fetch {LAYOUT_FILENAME} from {remote_dir}: {err}") from None
-        os.replace(tmp, path)
+        _fetch(remote_dir, LAYOUT_FILENAME, path, timeout)
     return ShardMeta.load(path)
+
+
+def cache_folder(local: str, remote_dir: str, index: bytes) -> str:
+    """The cache folder of one remote split: named after the remote and its index.json, so that a
+    cache shared by jobs (or by runs before and after the remote was rewritten) never serves one
+    dataset's shards for another."""
+    remote_dir = remote_dir.rstrip("/")
+    digest = hashlib.sha256(remote_dir.encode() + b"\0" + index).hexdigest()[:16]
+    tail = "_".join(remote_dir.split("://")[-1].split("/")[-3:])  # e.g. bucket_corpus_train
+    readable = re.sub(r"[^A-Za-z0-9._-]+", "_", tail).strip("_")[-48:]
+    return os.path.join(local, f"{readable}-{digest}")
+
+
+def prepare_cache(local: str, remote_dir: str, timeout: float = 60.0) -> str:
+    """Fetch the remote split's index.json and return its cache folder under ``local``, with that
+    index in place (streaming then takes it as is) and ``source.json`` naming the remote."""
+    os.makedirs(local, exist_ok=True)
+    fetched = _private_name(os.path.join(local, INDEX_FILENAME))
+    _fetch(remote_dir, INDEX_FILENAME, fetched, timeout)
+    try:
+        with open(fetched, "rb") as f:
+            index = f.read()
+        folder = cache_folder(local, remote_dir, index)
+        os.makedirs(folder, exist_ok=True)
+        cached = os.path.join(folder, INDEX_FILENAME)
+        if os.path.exists(cached):
+            with open(cached, "rb") as f:
+                if f.read() != index:
+                    raise DataError(f"{cached} differs from {remote_dir}/{INDEX_FILENAME}: the cache "
+                                    f"folder was changed by hand; delete {folder}")
+        else:
+            os.replace(fetched, cached)
+        source = os.path.join(folder, SOURCE_FILENAME)
+        if not os.path.exists(source):
+            tmp = _private_name(source)
+            with open(tmp, "w") as f:
+                json.dump({"remote": remote_dir}, f)
+            os.replace(tmp, source)
+    finally:
+        if os.path.exists(fetched):
+            os.remove(fetched)
+    return folder
+
+
+class SharedCacheStream(Stream):
+    """A Stream whose files appear in the local folder only whole and under their final names, however
+    many processes fetch or decompress the same shard at once.
+
+    streaming coordinates the ranks of one job on one machine through shared memory; processes that
+    do not share it (nodes reading one shared folder, separate jobs) all fetch or decompress a
+    missing shard. streaming writes ``shard.mds.tmp`` and renames it: the second writer truncates
+    the first one's file, and its own rename then fails (``FileNotFoundError``). Here every writer
+    has a private temporary name and an atomic rename; identical bytes land either way.
+    """
+
+    def _download_file(self, from_basename: str, to_basename: str | None = None) -> str:
+        final = os.path.join(self.local, self.split, to_basename or from_basename)
+        if os.path.exists(final):
+            return final
+        private = os.path.basename(_private_name(final))
+        os.replace(super()._download_file(from_basename, private), final)
+        return final
+
+    def _decompress_shard_part(self, zip_info: FileInfo, zip_filename: str, raw_filename: str,
+                               compression: str | None) -> None:
+        try:
+            with open(zip_filename, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            if os.path.isfile(raw_filename):  # another process decompressed it and dropped the zip
+                return
+            raise
+        if self.validate_hash:
+            if self.validate_hash not in zip_info.hashes:
+                raise ValueError(f"Hash algorithm `{self.validate_hash}` chosen for data validation is "
+                                 f"not among the dataset's {sorted(zip_info.hashes)}. Provide one of those.")
+            if get_hash(self.validate_hash, data) != zip_info.hashes[self.validate_hash]:
+                raise ValueError(f"Checksum failure: {zip_filename}")
+        tmp = _private_name(raw_filename)
+        with open(tmp, "wb") as out:
+            out.write(decompress(compression, data))  # type: ignore[arg-type]
+        os.replace(tmp, raw_filename)
+        if not self.safe_keep_zip:
+            try:
+                os.remove(zip_filename)
+            except FileNotFoundError:
+                pass
 
 
 class PackedDataset(StreamingDataset):
@@ -74,11 +188,14 @@ class PackedDataset(StreamingDataset):
         **streaming_kwargs: Any,
     ) -> None:
         local_dir, remote_dir = split_paths(local, remote, split)
+        if remote_dir is not None:
+            local_dir = prepare_cache(local, remote_dir, download_timeout)
         self.meta = load_shard_meta(local_dir, remote_dir, download_timeout)
         self.layout = self.meta.data_layout
         self.seq_len = self.meta.seq_len
         super().__init__(
-            local=local_dir, remote=remote_dir, shuffle=shuffle, shuffle_seed=shuffle_seed,
+            streams=[SharedCacheStream(remote=remote_dir, local=local_dir)], shuffle=shuffle,
+            shuffle_seed=shuffle_seed,
             batch_size=batch_size, num_canonical_nodes=num_canonical_nodes, predownload=predownload,
             cache_limit=cache_limit, validate_hash=validate_hash, download_timeout=download_timeout,
             **streaming_kwargs,

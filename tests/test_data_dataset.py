@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from streaming.base.util import clean_stale_shared_memory
 
+from data import shm
 from data.dataset import (
     CorruptShardError,
     PackedDataset,
@@ -28,7 +28,10 @@ SEQ_LEN = 32
 
 @pytest.fixture(scope="module", autouse=True)
 def _fresh_shared_memory() -> None:
-    clean_stale_shared_memory()
+    # Only the segments of dead processes: streaming's clean_stale_shared_memory() would also delete
+    # those of other jobs (or test runs) alive on this machine.
+    with shm.machine_lock():
+        shm.clean_dead_segments()
 
 
 @pytest.fixture(scope="module")
@@ -126,10 +129,13 @@ def test_remote_with_local_cache_fetches_layout_and_shards(tmp_path: Path, prepa
     assert (remote / "train" / "layout.json").exists() and (remote / "train" / "index.json").exists()
     cache = tmp_path / "node-cache"
     dataset = PackedDataset(str(cache), str(remote), "train", shuffle=False, batch_size=4)
-    assert (cache / "train" / "layout.json").exists() and dataset.meta.tokenizer == "byte"
+    [folder] = cache.iterdir()  # one folder per remote split, named after it
+    assert folder.name.startswith("bucket_ds_train-")
+    assert json.loads((folder / "source.json").read_text()) == {"remote": str(remote / "train")}
+    assert (folder / "layout.json").exists() and dataset.meta.tokenizer == "byte"
     local = PackedDataset(str(tmp_path / "out"), None, "train", shuffle=False, batch_size=4)
     assert sample_keys(list(dataset)) == sample_keys(list(local))
-    assert list((cache / "train").glob("*.mds"))  # decompressed into the cache, not the remote
+    assert list(folder.glob("*.mds"))  # decompressed into the cache, not the remote
     assert not list(remote.glob("train/*.mds"))
 
 
