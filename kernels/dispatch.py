@@ -49,8 +49,11 @@ _CUDA_BACKENDS: tuple[tuple[str, frozenset[str]], ...] = (
         + (["inner", "split_scan"] if _HAS_MAMBA_SSM and _HAS_CAUSAL_CONV1D else []))),
     ("triton", frozenset(["ssd", "scan", "conv1d"] if _HAS_TRITON else [])),
 )
-_FORCEABLE = ("torch", "triton", "cuda-ext", "nki")
+_FORCEABLE = ("torch", "triton", "cuda-ext", "nki", "chunked")
 _BACKENDS_BY_DEVICE = {"cuda": _CUDA_BACKENDS}
+# The chunked torch scan (kernels/selective_scan_chunked.py): a graph of fixed size for XLA's
+# compiler, where the step loop unrolls once per position. Elsewhere only when MAMBA_KERNELS=chunked.
+_CHUNKED = ("chunked", frozenset({"scan"}))
 
 
 @functools.cache
@@ -61,9 +64,10 @@ def _xla_backends() -> tuple[tuple[str, frozenset[str]], ...]:
 
 def backends_for(op: str, device: torch.device) -> list[str]:
     """The backends for this device type that provide op, in order of preference ('cuda-ext' =
-    mamba_ssm / causal_conv1d, 'triton' = kernels/triton), then 'torch'. Each op uses the first
-    that handles its call exactly. MAMBA_KERNELS=torch|triton|cuda-ext keeps only that one (and
-    torch, for the calls it does not handle)."""
+    mamba_ssm / causal_conv1d, 'triton' = kernels/triton, 'chunked' = the Mamba-1 chunked scan on
+    XLA), then 'torch'. Each op uses the first that handles its call exactly.
+    MAMBA_KERNELS=torch|triton|cuda-ext|nki|chunked keeps only that one (and torch, for the calls it
+    does not handle)."""
     forced = os.environ.get("MAMBA_KERNELS") or None
     if forced is not None and forced not in _FORCEABLE:
         raise ValueError(f"MAMBA_KERNELS={forced!r} is not a backend; use one of {', '.join(_FORCEABLE)} "
@@ -71,6 +75,8 @@ def backends_for(op: str, device: torch.device) -> list[str]:
     if forced == "torch":
         return ["torch"]
     backends = _xla_backends() if device.type == "xla" else _BACKENDS_BY_DEVICE.get(device.type, ())
+    if device.type == "xla" or forced == "chunked":
+        backends = (*backends, _CHUNKED)
     names = [name for name, ops in backends if op in ops and forced in (None, name)]
     return names + ["torch"]
 
@@ -149,7 +155,7 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
                                                     cu_seqlens=cu_seqlens, seq_idx=seq_idx)
     return selective_scan_torch(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
                                 delta_softplus=delta_softplus, return_last_state=return_last_state,
-                                cu_seqlens=cu_seqlens, seq_idx=seq_idx)
+                                cu_seqlens=cu_seqlens, seq_idx=seq_idx, chunked="chunked" in backends)
 
 
 def mamba_inner_fn(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight,
@@ -163,7 +169,8 @@ def mamba_inner_fn(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_wei
         from mamba_ssm.ops.selective_scan_interface import mamba_inner_fn as ext
 
         return ext(*args, checkpoint_lvl=checkpoint_lvl)
-    return mamba_inner_torch(*args, checkpoint_lvl=checkpoint_lvl, cu_seqlens=cu_seqlens, seq_idx=seq_idx)
+    return mamba_inner_torch(*args, checkpoint_lvl=checkpoint_lvl, cu_seqlens=cu_seqlens, seq_idx=seq_idx,
+                             chunked="chunked" in backends_for("scan", xz.device))
 
 
 def mamba_split_conv1d_scan_combined(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size,

@@ -3,7 +3,9 @@
 The C kernel is plain C99 with no torch headers, so it builds in about a second with the
 system compiler and is called through ctypes (which releases the GIL, so channel ranges run
 on a thread pool). Where no compiler is available, or the tensors are not on the CPU, the
-sequential torch recurrence below runs instead: same results, slower.
+sequential torch recurrence below runs instead: same results, slower. On XLA devices the
+dispatch asks for the chunked scan (kernels/selective_scan_chunked.py): the step loop would be
+unrolled into the compiled graph, one copy per position.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch.nn.functional as F
 
 from kernels import cbuild
 from kernels.cbuild import ptr as _ptr
+from kernels.selective_scan_chunked import scan_chunked
 
 CHECKPOINT_EVERY = 64  # state checkpoints for the backward pass, every this many steps
 _NAME = "selective_scan_cpu"
@@ -220,11 +223,14 @@ def seq_idx_from_cu_seqlens(cu_seqlens: torch.Tensor, batch: int, device) -> tor
 
 
 def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                         return_last_state=False, cu_seqlens=None, seq_idx=None, use_c_kernel=None):
+                         return_last_state=False, cu_seqlens=None, seq_idx=None, use_c_kernel=None,
+                         chunked=False):
     """Same contract as mamba_ssm.ops.selective_scan_interface.selective_scan_fn (real A), plus
     seq_idx [b,l] (a change of value resets the state, as cu_seqlens boundaries do).
 
     u, delta, z: [b,d,l]; A: [d,n]; B, C: [d,n] (constant), [b,n,l] or [b,g,n,l]; D, delta_bias: [d].
+    chunked: the chunked scan of kernels/selective_scan_chunked.py instead of the step loop (a graph
+    of fixed size for XLA's compiler); an explicit use_c_kernel=True wins over it.
     """
     check_scan_args(u, delta, A, B, C, D, z, delta_bias, seq_idx, cu_seqlens)
     if cu_seqlens is not None and seq_idx is None:
@@ -244,11 +250,14 @@ def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
 
     Bg, Cg = compact(B), compact(C)
     if use_c_kernel is None:
-        use_c_kernel = u.device.type == "cpu" and acc == torch.float32 and c_kernel_available()
+        use_c_kernel = (u.device.type == "cpu" and acc == torch.float32 and not chunked
+                        and c_kernel_available())
     if use_c_kernel:
         seq = None if seq_idx is None else seq_idx.to(torch.int32).contiguous()
         y, last = _SelectiveScanC.apply(uf.contiguous(), df.contiguous(), A.to(acc).contiguous(),
                                         Bg, Cg, seq)
+    elif chunked:
+        y, last = scan_chunked(uf, df, A.to(acc), Bg, Cg, seq_idx)
     else:
         y, last = _scan_torch(uf, df, A.to(acc), Bg, Cg, seq_idx)
     if D is not None:
@@ -262,14 +271,14 @@ def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
 def mamba_inner_torch(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight,
                       out_proj_bias, A, B=None, C=None, D=None, delta_bias=None, B_proj_bias=None,
                       C_proj_bias=None, delta_softplus=True, *, checkpoint_lvl=1, cu_seqlens=None,
-                      seq_idx=None):
+                      seq_idx=None, chunked=False):
     """mamba_ssm's mamba_inner_fn (a whole Mamba-1 mixer after in_proj) composed of our ops:
     conv -> x_proj -> dt_proj -> selective scan (gated by z) -> out_proj. xz [b, 2*d, l];
     conv1d_weight [d, 1, w] or [d, w]; x_proj_weight [r + n*(B is None) + n*(C is None), d] (dt rows
     first, then B's, then C's last); delta_proj_weight [d, r]; out_proj_weight [o, d]; A [d, n];
     B/C None (taken from x_proj) or any selective_scan_fn form. Extra x_proj rows are
     ignored, as upstream does (B from rows [r, r+n), C from the last n). Returns [b, l, o]. checkpoint_lvl
-    is accepted for compatibility (autograd keeps what it needs here)."""
+    is accepted for compatibility (autograd keeps what it needs here); chunked as in selective_scan_torch."""
     from kernels.conv1d import causal_conv1d_torch
 
     if not isinstance(xz, torch.Tensor) or xz.dim() != 3 or A.dim() != 2 or xz.shape[1] != 2 * A.shape[0]:
@@ -309,7 +318,7 @@ def mamba_inner_torch(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_
         C = x_dbl[..., x_dbl.shape[-1] - dstate:]
         C = (C if C_proj_bias is None else C + C_proj_bias.to(C.dtype)).transpose(1, 2)
     y = selective_scan_torch(x, delta, A, B, C, D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
-                             seq_idx=seq_idx)
+                             seq_idx=seq_idx, chunked=chunked)
     return F.linear(y.transpose(1, 2), out_proj_weight, out_proj_bias)
 
 

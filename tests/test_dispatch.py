@@ -56,8 +56,9 @@ def test_xla_without_the_neuron_compiler_uses_torch() -> None:
     from kernels.nki import nki_available
 
     assert not nki_available()
-    for op in ("ssd", "conv1d", "norm_gated", "scan"):
+    for op in ("ssd", "conv1d", "norm_gated"):
         assert backend_for(op, torch.device("xla")) == "torch"
+    assert backend_for("scan", torch.device("xla")) == "chunked"  # the chunked torch scan
 
 
 def test_cuda_backends_in_order_and_forced(monkeypatch):
