@@ -11,8 +11,11 @@ configuration mistake exits with code 2 and one line on stderr, before anything 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -55,10 +58,19 @@ def resolve_device(cfg: TrainConfig) -> str:
         raise ConfigError("device=gpu but CUDA is not available; use device=cpu")
     if device == "cpu" and cfg.precision != "fp32":
         raise ConfigError(f"precision={cfg.precision} on CPU: CPU training must be fp32")
-    if cfg.fsdp is not None and device == "cpu" and os.environ.get("FSDP_VERSION") != "2":
-        raise ConfigError("fsdp on CPU needs Composer's FSDP2: set FSDP_VERSION=2 "
-                          "(its default FSDP needs CUDA)")
     return device
+
+
+def choose_fsdp2(cfg: TrainConfig, device: str) -> bool:
+    """True when this run must set FSDP_VERSION=2 itself: an fsdp section on CPU, where Composer's
+    default FSDP (1) needs CUDA, and the user did not choose a version."""
+    if cfg.fsdp is None or device != "cpu":
+        return False
+    version = os.environ.get("FSDP_VERSION")
+    if version not in (None, "", "2"):
+        raise ConfigError(f"fsdp on CPU with FSDP_VERSION={version}: Composer's FSDP {version} needs CUDA; "
+                          f"unset FSDP_VERSION (FSDP2 is then chosen) or set FSDP_VERSION=2")
+    return version != "2"
 
 
 @dataclass
@@ -90,9 +102,11 @@ def prepare(argv: list[str]) -> tuple[TrainConfig, dict]:
     per_device, accum = derived_batching(cfg, world_size())
     meta = check_data(cfg)
     device = resolve_device(cfg)
+    fsdp2 = choose_fsdp2(cfg, device)
     if cfg.model.init_from and not Path(cfg.model.init_from, "config.json").is_file():
         raise ConfigError(f"model.init_from={cfg.model.init_from!r}: no config.json there")
-    return cfg, dict(per_device=per_device, accum=accum, meta=meta, device=device, args=args)
+    return cfg, dict(per_device=per_device, accum=accum, meta=meta, device=device, args=args,
+                     choose_fsdp2=fsdp2)
 
 
 def check_summary(cfg: TrainConfig, derived: dict) -> str:
@@ -296,6 +310,85 @@ def make_loss_curve(path: str):
     return LossCurve()
 
 
+def latest_checkpoint(cfg: TrainConfig) -> str | None:
+    """Autoresume's lookup, done here on global rank 0 and broadcast (collective: every rank calls it).
+    Composer 0.32.1's own lookup has local rank 0 of every node write and then delete a signal file
+    in save_folder whose name comes from global rank 0 (`._signal_file_node0_...`): on a save folder
+    shared by several nodes (the multi-node setup) the second node's delete fails with
+    FileNotFoundError (composer PR 2363, open). Renaming that file per node would mean patching
+    Composer's internals; this lookup needs no file at all, and the Trainer then loads the path
+    like any load_path (through a per-node temporary folder). The symlink Composer writes,
+    latest-rank0.pt, points at the newest complete checkpoint (a file, or a folder when sharded)."""
+    from composer.utils import dist, format_name_with_dist
+
+    found = [None]
+    if dist.get_global_rank() == 0:
+        latest = os.path.join(format_name_with_dist(cfg.save_folder, cfg.run_name), "latest-rank0.pt")
+        if os.path.exists(latest):  # a dangling link (its target deleted) is no checkpoint
+            found[0] = os.path.realpath(latest)
+    dist.broadcast_object_list(found, src=0)
+    return found[0]
+
+
+CHECKPOINT_NAME = re.compile(r"^ep(\d+)-ba(\d+)(?:-rank\d+\.pt)?$")  # Composer's file / sharded folder
+
+
+def prune_checkpoints(folder: str, keep: int) -> list[str]:
+    """Delete all but the newest `keep` checkpoints in `folder` (by batch); the one latest-rank0.pt
+    points at always stays. Only names of Composer's default pattern are touched
+    (ep{epoch}-ba{batch}-rank{rank}.pt files, ep{epoch}-ba{batch} sharded folders). Returns the
+    names deleted. Composer's save_num_checkpoints_to_keep only prunes what the running process
+    wrote: checkpoints from before a requeue stayed forever."""
+    if keep < 1 or not os.path.isdir(folder):
+        return []
+    by_time: dict[tuple[int, int], list[str]] = {}
+    for name in os.listdir(folder):
+        m = CHECKPOINT_NAME.match(name)
+        if m and (name.endswith(".pt") or os.path.isdir(os.path.join(folder, name))):
+            by_time.setdefault((int(m.group(2)), int(m.group(1))), []).append(name)
+    latest = os.path.join(folder, "latest-rank0.pt")
+    protected = os.path.realpath(latest) if os.path.lexists(latest) else None
+    deleted = []
+    for key in sorted(by_time)[:-keep]:
+        paths = [os.path.join(folder, n) for n in by_time[key]]
+        if protected and any(os.path.realpath(p) == protected for p in paths):
+            continue
+        for path in paths:
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)
+            deleted.append(os.path.basename(path))
+    return deleted
+
+
+def make_checkpoint_pruner(save_folder: str, keep: int):
+    """A callback for resumed runs: after each checkpoint and at the end, global rank 0 prunes
+    save_folder to the newest `keep` checkpoints, those of the runs before the requeue included."""
+    from composer.core import Callback
+    from composer.utils import dist, format_name_with_dist
+
+    class PruneCheckpoints(Callback):
+        def _prune(self, state) -> None:
+            if dist.get_global_rank() == 0:
+                folder = format_name_with_dist(save_folder, state.run_name)
+                for name in prune_checkpoints(folder, keep):
+                    print(f"removed old checkpoint {os.path.join(folder, name)} "
+                          f"(save_num_checkpoints_to_keep={keep})")
+
+        def batch_checkpoint(self, state, logger) -> None:
+            self._prune(state)
+
+        def epoch_checkpoint(self, state, logger) -> None:
+            self._prune(state)
+
+        def fit_end(self, state, logger) -> None:
+            self._prune(state)
+
+    return PruneCheckpoints()
+
+
 def full_state_dict(model) -> dict:
     """The unsharded weights on CPU, whatever FSDP did (collective: every rank calls it)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -330,6 +423,11 @@ def train(cfg: TrainConfig, derived: dict):
         configure_cpu_threads()
     from composer.utils import reproducibility
 
+    # One process group for the whole run, made here the way the Trainer would (gloo on CPU, nccl on
+    # GPU, cfg.dist_timeout), before the datasets: a StreamingDataset built without one starts and
+    # stops its own, so rank 0 opened and closed the rendezvous server once per dataset and ranks
+    # hung or died with "Connection reset by peer". The Trainer reuses this group.
+    dist.initialize_dist(derived["device"], cfg.dist_timeout)
     # the same seed on every rank before init: FSDP shards must come from identical weights
     reproducibility.seed_all(cfg.seed)
     model = build_model(cfg)
@@ -338,6 +436,13 @@ def train(cfg: TrainConfig, derived: dict):
 
         return_large_frees_to_the_os()
     train_dl, evaluator = build_dataloaders(cfg, derived["per_device"])
+    autoresume, load_path, load_weights_only = cfg.autoresume, cfg.load_path, cfg.load_weights_only
+    resumed_from = None
+    if cfg.autoresume and cfg.save_folder and "://" not in cfg.save_folder:
+        autoresume = False  # our lookup instead of Composer's (latest_checkpoint's docstring says why)
+        resumed_from = latest_checkpoint(cfg)
+        if resumed_from:
+            load_path, load_weights_only = resumed_from, False
     trainer = Trainer(
         run_name=cfg.run_name, model=model, train_dataloader=train_dl,
         eval_dataloader=evaluator, eval_interval=cfg.eval_interval if evaluator else 1,
@@ -353,8 +458,8 @@ def train(cfg: TrainConfig, derived: dict):
         loggers=build_loggers(cfg), callbacks=build_callbacks(cfg),
         save_folder=cfg.save_folder, save_interval=cfg.save_interval,
         save_num_checkpoints_to_keep=cfg.save_num_checkpoints_to_keep,
-        save_overwrite=cfg.save_overwrite, autoresume=cfg.autoresume, load_path=cfg.load_path,
-        load_weights_only=cfg.load_weights_only, progress_bar=cfg.progress_bar,
+        save_overwrite=cfg.save_overwrite, autoresume=autoresume, load_path=load_path,
+        load_weights_only=load_weights_only, progress_bar=cfg.progress_bar,
         # loggers.console is another way to write log_to_console + console_log_interval
         log_to_console=cfg.log_to_console or cfg.loggers.console is not None,
         console_log_interval=(cfg.loggers.console.log_interval if cfg.loggers.console
@@ -362,6 +467,10 @@ def train(cfg: TrainConfig, derived: dict):
         seed=cfg.seed, dist_timeout=cfg.dist_timeout,
         parallelism_config={"fsdp": fsdp_settings(cfg)} if cfg.fsdp else None,
     )
+    if resumed_from and cfg.save_num_checkpoints_to_keep > 0:
+        # appended after Composer's CheckpointSaver, so it runs after each save
+        pruner = make_checkpoint_pruner(cfg.save_folder, cfg.save_num_checkpoints_to_keep)
+        trainer.state.callbacks.append(pruner)
     trainer.fit()
     weights = full_state_dict(model.model) if (cfg.export_folder or cfg.sample) else None
     if dist.get_global_rank() == 0 and weights is not None:
@@ -462,8 +571,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if derived["args"].default and int(os.environ.get("RANK", "0")) == 0:
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    if derived["args"].default and rank0:
         print(f"config: {derived['args'].config} (the embedded default; give CONFIG.yaml to train another)")
+    if derived["choose_fsdp2"]:  # before Composer reads it (in Trainer)
+        os.environ["FSDP_VERSION"] = "2"
+        if rank0:
+            print("fsdp on CPU: using Composer's FSDP2 (FSDP_VERSION=2; its default FSDP needs CUDA)")
     try:
         train(cfg, derived)
     except ConfigError as err:  # found while building (e.g. init_from architecture)

@@ -195,14 +195,14 @@ class TrainConfig:
     eval_interval: str = "500ba"
     eval_subset_num_batches: int = bounded(-1, ge=1, also=(-1,), hint="the whole eval split")
     grad_clip_norm: float = bounded(1.0, ge=0)  # 0 disables clipping
-    save_folder: str | None = None
+    save_folder: str | None = None  # "{run_name}" in it (and in export_folder) is the run's name
     save_interval: str = "1000ba"
     save_num_checkpoints_to_keep: int = bounded(-1, ge=0, also=(-1,), hint="keep all")
     save_overwrite: bool = False
     autoresume: bool = False
     load_path: str | None = None
     load_weights_only: bool = False
-    export_folder: str | None = None  # save_pretrained folder written at the end
+    export_folder: str | None = None  # save_pretrained folder written at the end, e.g. runs/{run_name}/model
     loggers: LoggersSection = field(default_factory=LoggersSection)
     callbacks: CallbacksSection = field(default_factory=CallbacksSection)
     progress_bar: bool = True
@@ -248,6 +248,11 @@ def parse_config(values: dict[str, Any]) -> TrainConfig:
     if cfg.fsdp is not None and cfg.fsdp.process_group is not None:
         raise ConfigError(f"fsdp.process_group={cfg.fsdp.process_group!r}: only null (the default "
                           f"process group: all ranks) is supported; remove the key or set it to null")
+    # per-run folders: concurrent runs of one config under different run names (slurm.sh names
+    # each job's run) must not write into one another's checkpoints or exported model
+    for key in ("save_folder", "export_folder"):
+        if getattr(cfg, key):
+            setattr(cfg, key, getattr(cfg, key).replace("{run_name}", cfg.run_name))
     if cfg.autoresume and not cfg.save_folder:
         raise ConfigError("autoresume: true needs save_folder (where checkpoints are found)")
     if cfg.sample is not None and not cfg.sample.prompt:

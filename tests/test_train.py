@@ -57,25 +57,54 @@ def write_config(tmp_path, shards, **over):
     return path
 
 
-# Rendezvous failures of the multi-rank launches on a busy VM (seen ~1 in 4 full runs), all before
-# training starts: a launch that dies with one of these is started once more.
-RENDEZVOUS_ERRORS = ("DistNetworkError", "connectFullMesh failed", "failed to recv, got 0 bytes",
-                     "Address already in use")
-
-
 def run(cmd, tmp_path, env=None, check=True):
     # gloo over loopback: the machine's hostname may resolve to an interface ranks cannot reach
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), "GLOO_SOCKET_IFNAME": "lo", **(env or {})}
-    for attempt in range(2):
-        result = subprocess.run(cmd, capture_output=True, text=True, env=full_env, cwd=tmp_path,
-                                timeout=600)
-        output = result.stdout + result.stderr
-        if result.returncode == 0 or attempt or not any(e in output for e in RENDEZVOUS_ERRORS):
-            break
+    full_env = {k: v for k, v in full_env.items() if v is not None}  # None: not in the environment
+    result = subprocess.run(cmd, capture_output=True, text=True, env=full_env, cwd=tmp_path, timeout=600)
     if check and result.returncode != 0:
         raise AssertionError(f"{cmd} failed ({result.returncode}):\n{result.stdout[-3000:]}\n"
                              f"{result.stderr[-3000:]}")
     return result
+
+
+# Loaded first by every Python process that has its folder on PYTHONPATH: records each process
+# group made or destroyed, one line per call, in a file per process.
+PROCESS_GROUP_LOG = """\
+import os
+import torch  # noqa: F401  (the test sets OMP_WAIT_POLICY itself, as train.py would)
+import torch.distributed as dist
+
+_init, _destroy = dist.init_process_group, dist.destroy_process_group
+
+
+def _log(word):
+    with open(os.path.join(os.environ["PG_LOG_DIR"], f"{os.getpid()}.txt"), "a") as f:
+        f.write(word + "\\n")
+
+
+def init_process_group(*args, **kwargs):
+    _log("init")
+    return _init(*args, **kwargs)
+
+
+def destroy_process_group(*args, **kwargs):
+    _log("destroy")
+    return _destroy(*args, **kwargs)
+
+
+dist.init_process_group, dist.destroy_process_group = init_process_group, destroy_process_group
+"""
+
+
+def process_group_logging(tmp_path) -> tuple[dict, Path]:
+    """Environment for a launch whose processes log their process groups, and the log folder."""
+    hook, logs = tmp_path / "hook", tmp_path / "pg-log"
+    hook.mkdir()
+    logs.mkdir()
+    (hook / "sitecustomize.py").write_text(PROCESS_GROUP_LOG)
+    return {"PYTHONPATH": f"{hook}{os.pathsep}{ROOT}", "PG_LOG_DIR": str(logs),
+            "OMP_WAIT_POLICY": "PASSIVE"}, logs
 
 
 def losses(tmp_path):
@@ -100,26 +129,37 @@ def test_training_lowers_the_loss_and_reports_eval_metrics(shards, tmp_path):
     assert model.config.layer_pattern == "Mm*"
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
-def test_two_ranks_match_one_process(shards, tmp_path, mode):
-    one = tmp_path / "one"
-    one.mkdir()
+@pytest.fixture(scope="module")
+def one_process(shards, tmp_path_factory):
+    """The reference both two-rank runs must match: one process."""
+    one = tmp_path_factory.mktemp("one")
     run([COMPOSER, "-n", "1", str(ROOT / "mamba" / "train.py"), str(write_config(one, shards))], one)
+    return one
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_two_ranks_match_one_process(shards, one_process, tmp_path, mode):
+    """Also: one process group per rank for the whole run (the datasets are built inside it; streaming
+    made and destroyed its own per dataset, racing on the rendezvous), and an fsdp section on CPU
+    trains without FSDP_VERSION in the environment (FSDP2 is chosen, in one line)."""
     two = tmp_path / "two"
     two.mkdir()
-    env = {}
+    env, logs = process_group_logging(tmp_path)
     over = {}
     if mode == "fsdp2":
-        env["FSDP_VERSION"] = "2"
         over["fsdp"] = {"sharding_strategy": "FULL_SHARD"}
-    run([COMPOSER, "-n", "2", "--master_addr", "127.0.0.1", str(ROOT / "mamba" / "train.py"),
-         str(write_config(two, shards, **over))], two, env=env)
-    a, b = losses(one), losses(two)
+    result = run([COMPOSER, "-n", "2", "--master_addr", "127.0.0.1", str(ROOT / "mamba" / "train.py"),
+                  str(write_config(two, shards, **over))], two, env={**env, "FSDP_VERSION": None})
+    chosen = "fsdp on CPU: using Composer's FSDP2 (FSDP_VERSION=2; its default FSDP needs CUDA)"
+    assert result.stdout.count(chosen) == (1 if mode == "fsdp2" else 0), result.stdout[-2000:]
+    per_rank = [p.read_text().split() for p in sorted(logs.iterdir())]
+    assert len(per_rank) == 2 and all(events.count("init") == 1 for events in per_rank), per_rank
+    a, b = losses(one_process), losses(two)
     assert len(a) == len(b) == 6
     assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < 2e-3 * max(a), (a, b)
     from safetensors.torch import load_file
 
-    wa = load_file(str(one / "model" / "model.safetensors"))
+    wa = load_file(str(one_process / "model" / "model.safetensors"))
     wb = load_file(str(two / "model" / "model.safetensors"))
     assert wa.keys() == wb.keys()
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-3
@@ -128,7 +168,7 @@ def test_two_ranks_match_one_process(shards, tmp_path, mode):
 def test_kill_9_then_autoresume_is_bit_identical(shards, tmp_path):
     from safetensors.torch import load_file
 
-    over = dict(max_duration="10ba", save_interval="2ba", autoresume=True, save_num_checkpoints_to_keep=-1)
+    over = dict(max_duration="10ba", save_interval="2ba", autoresume=True, save_num_checkpoints_to_keep=2)
     ref = tmp_path / "ref"
     ref.mkdir()
     run([sys.executable, str(ROOT / "mamba" / "train.py"), str(write_config(ref, shards, **over))], ref)
@@ -149,7 +189,12 @@ def test_kill_9_then_autoresume_is_bit_identical(shards, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (cut / "model").exists()
+    assert len(list((cut / "ck").glob("ep*-ba2-rank0.pt"))) == 1
     run(cmd, cut)  # the same command again: autoresume picks up the latest checkpoint
+    # the newest 2 are kept, also of checkpoints written before the restart (Composer kept ba2, ba4)
+    kept = sorted(p.name for p in (cut / "ck").glob("ep*"))
+    assert kept == sorted(p.name for p in (ref / "ck").glob("ep*"))
+    assert sorted(name.split("-")[1] for name in kept) == ["ba10", "ba8"], kept
 
     wa = load_file(str(ref / "model" / "model.safetensors"))
     wb = load_file(str(cut / "model" / "model.safetensors"))

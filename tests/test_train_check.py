@@ -132,14 +132,14 @@ def test_check_runs_as_venv_python_from_another_folder_with_the_default_config(s
 def test_the_original_recipes_documented_config_passes(shards4096, tmp_path, monkeypatch):
     path = tmp_path / "config.yaml"
     path.write_text(ORIGINAL_RECIPE_CONFIG)
-    monkeypatch.setenv("FSDP_VERSION", "2")  # FSDP on CPU (on GPUs Composer's default FSDP serves)
+    monkeypatch.delenv("FSDP_VERSION", raising=False)  # its fsdp section on CPU: FSDP2 is chosen
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     cfg, derived = prepare([str(path), f"data.local={shards4096}", "--check"])
     assert cfg.optimizer.betas == [0.9, 0.95] and cfg.optimizer.lr == 0.00045
     assert cfg.fsdp.process_group is None and cfg.fsdp.backward_prefetch == "BACKWARD_PRE"
     assert cfg.model.d_model == 2688 and cfg.data.n_total_tokens == 400039358022
     assert derived["accum"] == 128  # 896 on one rank in microbatches of 7
-    result = cli([str(path), f"data.local={shards4096}", "--check"], tmp_path, env={"FSDP_VERSION": "2"})
+    result = cli([str(path), f"data.local={shards4096}", "--check"], tmp_path)
     assert result.returncode == 0, result.stderr
     assert "28 layers" in result.stdout and "400039358022tok" in result.stdout
 

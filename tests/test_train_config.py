@@ -88,10 +88,24 @@ def test_bad_config_is_one_clear_error(shards, tmp_path, over, args, message):
     assert "\n" not in str(err.value)
 
 
-def test_fsdp_on_cpu_without_fsdp2_is_refused(shards, tmp_path, monkeypatch):
+def test_fsdp_on_cpu_chooses_fsdp2_unless_another_version_is_asked_for(shards, tmp_path, monkeypatch):
+    config = base(shards, tmp_path, fsdp={"sharding_strategy": "FULL_SHARD"}, device="cpu")
     monkeypatch.delenv("FSDP_VERSION", raising=False)
-    with pytest.raises(ConfigError, match="set FSDP_VERSION=2"):
-        prepare([base(shards, tmp_path, fsdp={"sharding_strategy": "FULL_SHARD"})])
+    assert prepare([config])[1]["choose_fsdp2"]  # main sets FSDP_VERSION=2 and says so
+    assert "FSDP_VERSION" not in os.environ  # prepare itself changes nothing
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    assert not prepare([config])[1]["choose_fsdp2"]
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    with pytest.raises(ConfigError, match="FSDP_VERSION=1: .* unset FSDP_VERSION"):
+        prepare([config])
+
+
+def test_run_name_in_save_and_export_folders_makes_them_per_run():
+    tiny = str(ROOT / "yamls" / "tiny.yaml")
+    cfg = parse_config(load_yaml(tiny))  # make demo (README): runs/tiny/checkpoints, runs/tiny/model
+    assert (cfg.save_folder, cfg.export_folder) == ("runs/tiny/checkpoints", "runs/tiny/model")
+    cfg = parse_config(load_yaml(tiny, ["run_name=mamba-4242"]))  # slurm.sh names each job's run
+    assert (cfg.save_folder, cfg.export_folder) == ("runs/mamba-4242/checkpoints", "runs/mamba-4242/model")
 
 
 def test_cli_exits_2_with_one_line_and_writes_nothing(shards, tmp_path):
