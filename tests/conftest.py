@@ -18,8 +18,29 @@ def _seed():
 
 
 # Whole training runs in subprocesses (composer launches, several in one test) get longer than the
-# suite-wide per-test timeout in pyproject.toml; a test's own @pytest.mark.timeout wins.
-SLOW_FILES = {"test_train.py": 900, "test_finetune.py": 900, "test_slurm.py": 900}
+# suite-wide per-test timeout in pyproject.toml; a test's own @pytest.mark.timeout wins. test_slurm.py's
+# first test also waits for the fixture that runs all of its jobs.
+SLOW_FILES = {"test_train.py": 900, "test_finetune.py": 900, "test_slurm.py": 1200}
+
+# `pytest -m "not slow"` leaves these out: each launches whole trainings (or starts a Slurm cluster:
+# every test using the `cluster` fixture), tens of seconds or more on 2 cores. `make test` runs all.
+# Listed here, by file and function, so the test files need no edits; a test may also carry
+# @pytest.mark.slow itself.
+SLOW_TESTS = {
+    "test_train.py": {"test_training_lowers_the_loss_and_reports_eval_metrics",
+                      "test_two_ranks_match_one_process",
+                      "test_kill_9_then_autoresume_is_bit_identical"},
+    "test_train_check.py": {"test_no_config_argument_trains_the_embedded_default_and_names_it"},
+    "test_train_resume.py": {"test_two_nodes_share_a_save_folder_and_autoresume"},
+    "test_data_concurrency.py": {"test_two_jobs_of_two_ranks_started_at_the_same_instant",
+                                 "test_two_trainings_started_at_the_same_instant"},
+    "test_finetune.py": {"test_answer_only_finetune_raises_held_out_exact_match"},
+    "test_neuron_train.py": {"test_tiny_default_trains_checkpoints_and_resumes_bit_identically",
+                             "test_zero1_steps_equal_adamw_steps"},
+    "test_neuron_parallel.py": {"test_tp2_under_nxd_equals_the_plain_model",
+                                "test_tp2_training_run_resumes_bit_identically"},
+    "test_triton_kernels.py": {"test_in_fresh_process"},
+}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -27,3 +48,6 @@ def pytest_collection_modifyitems(config, items):
         limit = SLOW_FILES.get(item.path.name)
         if limit and item.get_closest_marker("timeout") is None:
             item.add_marker(pytest.mark.timeout(limit))
+        name = getattr(item, "originalname", item.name)
+        if name in SLOW_TESTS.get(item.path.name, ()) or "cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)

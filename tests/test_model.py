@@ -44,10 +44,12 @@ def test_mamba1_matches_transformers_at_mamba_130m_shape():
 
 
 def test_mamba2_matches_transformers_at_mamba2_130m_shape():
+    # One layer at the 130m's widths: the shapes are what this checks, and transformers' reference
+    # Mamba-2 (no kernels) spends ~8 s per layer here; two layers' residual stream is checked above.
     hf = transformers.Mamba2ForCausalLM(transformers.Mamba2Config(
         hidden_size=768, num_heads=24, head_dim=64, n_groups=1, state_size=128, expand=2,
-        chunk_size=256, num_hidden_layers=2, vocab_size=50288, tie_word_embeddings=True)).eval()
-    ours = MambaLMHeadModel(MambaConfig(d_model=768, n_layer=2, vocab_size=50277,
+        chunk_size=256, num_hidden_layers=1, vocab_size=50288, tie_word_embeddings=True)).eval()
+    ours = MambaLMHeadModel(MambaConfig(d_model=768, n_layer=1, vocab_size=50277,
                                         ssm_cfg={"layer": "Mamba2"},
                                         pad_vocab_size_multiple=16)).eval()
     ours.load_state_dict(from_hf_names(hf.state_dict()), strict=True)

@@ -42,6 +42,9 @@ class Cluster:
         self.env = {**os.environ, "SLURM_CONF": conf, "OMP_NUM_THREADS": "1", "VENV": str(VENV),
                     "PYTHONPATH": str(ROOT)}
         self.env.pop("PJRT_DEVICE", None)
+        nodes = subprocess.run(["sinfo", "-h", "-N", "-o", "%N"], env=self.env, capture_output=True,
+                               text=True, timeout=30).stdout.split()
+        self.nodes = sorted(set(nodes))
 
     def sbatch(self, script: str, *args: str, nodes: int, out: Path | None, cwd: Path = ROOT,
                options: tuple[str, ...] = (), **env: str) -> str:
@@ -103,9 +106,10 @@ def work(tmp_path_factory):
     with open(TINY_CORPUS) as src, open(reversed_docs, "w") as dst:
         for line in src:
             dst.write(json.dumps({"text": json.loads(line)["text"][::-1]}) + "\n")
-    for name, corpus, seq_len in (("a", TINY_CORPUS, 64), ("b", reversed_docs, 64), ("n", TINY_CORPUS, 128)):
+    for name, corpus, seq_len in (("a", TINY_CORPUS, 64), ("b", reversed_docs, 64), ("n1", TINY_CORPUS, 128)):
         prepare(inputs=[str(corpus)], output=str(tmp / f"data-{name}"), seq_len=seq_len, val_ratio=0.0,
                 progress=False)
+    shutil.copytree(tmp / "data-n1", tmp / "data-n2")  # the neuron jobs run at once: fresh shards each
     cfg = yaml.safe_load((ROOT / "yamls/tiny.yaml").read_text())
     cfg["model"].update(d_model=32, n_layer=2, layer_pattern="M*", d_intermediate=0,
                         ssm_cfg={"d_state": 8, "headdim": 16, "chunk_size": 16}, attn_cfg={"num_heads": 2})
@@ -118,7 +122,7 @@ def work(tmp_path_factory):
     cfg["optimizer"]["lr"] = 1e-2
     cfg["scheduler"]["warmup"] = "1ba"
     (tmp / "cfg.yaml").write_text(yaml.safe_dump(cfg))
-    cfg["data"].update(local=str(tmp / "data-n"), seq_len=128)  # neuron: a multiple of the 128 chunk
+    cfg["data"].update(local=str(tmp / "data-n1"), seq_len=128)  # neuron: a multiple of the 128 chunk
     cfg["variables"]["seq_len"] = 128
     (tmp / "cfg-neuron.yaml").write_text(yaml.safe_dump(cfg))
     return tmp
@@ -137,22 +141,62 @@ def _cache_in(log: Path) -> Path:
     return Path(re.search(r"cached in (\S+)", log.read_text()).group(1))
 
 
+def _neuron_missing() -> str:
+    from neuron.runtime import missing_packages
+
+    missing = missing_packages()
+    return f"needs {' and '.join(missing)}: pip install -r neuron/requirements-cpu-test.txt" * bool(missing)
+
+
 @pytest.fixture(scope="module")
-def one_node_runs(cluster, work):
-    """Two 1-node jobs submitted at the same moment, with different DATA_REMOTE and every other
-    knob left at its default (save folder, cache): they run side by side on the two nodes."""
+def runs(cluster, work):
+    """Every training job of this file, submitted at the same moment and run side by side (slurm.conf.in
+    lets up to four jobs share a node), so that their start-ups and the requeue's wait overlap:
+    - two 1-node jobs, one per node, with different DATA_REMOTE and every other knob left at its
+      default (save folder, cache);
+    - a 2-node job, requeued (`scontrol requeue`) as soon as its first checkpoint exists;
+    - neuron/slurm.sh on 1 and on 2 nodes (when the neuron packages are there)."""
     name = f"slurmtest{os.getpid()}"
-    jobs = {}
-    for corpus in ("a", "b"):
+    submitted = {}
+    # the 2-node job first: it is the one that must be caught mid-run
+    out, save_folder = work / "two-nodes.out", work / "ck-two-nodes"
+    submitted["requeue"] = (cluster.sbatch("slurm.sh", str(work / "cfg.yaml"), nodes=2, out=out,
+                                           SAVE_FOLDER=str(save_folder), DATA_REMOTE=str(work / "data-a"),
+                                           LOCAL_CACHE=str(work / "cache-two-nodes")), out)
+    for corpus, node in (("a", 0), ("b", 1)):
         out = work / f"one-node-{corpus}.out"
-        remote = work / f"data-{corpus}"
         job_id = cluster.sbatch("slurm.sh", str(work / "cfg.yaml"), nodes=1, out=out,
-                                options=(f"--job-name={name}",), DATA_REMOTE=str(remote))
-        jobs[corpus] = (job_id, out, remote)
-    results = {corpus: (cluster.wait(job_id, out), job_id, out, remote)
-               for corpus, (job_id, out, remote) in jobs.items()}
-    yield name, results
-    for _, job_id, out, _ in results.values():
+                                options=(f"--job-name={name}", f"--nodelist={cluster.nodes[node]}"),
+                                DATA_REMOTE=str(work / f"data-{corpus}"))
+        submitted[corpus] = (job_id, out)
+    neuron_missing = _neuron_missing()
+    for nodes in () if neuron_missing else (1, 2):
+        out = work / f"neuron-{nodes}.out"
+        job_id = cluster.sbatch(
+            "neuron/slurm.sh", str(work / "cfg-neuron.yaml"), "--max-steps", "3", "--log-every", "1",
+            "--checkpoint-every", "2", "--metrics-file", str(work / f"neuron-{nodes}.jsonl"), nodes=nodes,
+            out=out, VENV=str(VENV), CORES_PER_NODE="1", NXD_CPU_MODE="1", DATA=str(work / f"data-n{nodes}"),
+            CHECKPOINT_DIR=str(work / f"ck-neuron-{nodes}"),
+            COMPILE_CACHE=str(work / f"neuron-cache-{nodes}"))
+        submitted[f"neuron-{nodes}"] = (job_id, out)
+
+    job_id, out = submitted["requeue"]
+    first = save_folder / f"ep0-ba{SAVE_EVERY}-rank0.pt"
+    deadline = time.monotonic() + 600
+    while not first.exists() and time.monotonic() < deadline:
+        assert cluster.job(job_id).get("JobState") in ("PENDING", "RUNNING"), _tail(out)
+        time.sleep(0.05)
+    assert first.exists(), _tail(out)
+    requeue = subprocess.run(["scontrol", "requeue", job_id], env=cluster.env, capture_output=True, text=True)
+    assert requeue.returncode == 0, requeue.stderr
+    # requeued before the end: the last checkpoint was not written yet
+    last_before_requeue = (save_folder / f"ep0-ba{BATCHES}-rank0.pt").exists()
+
+    results = {key: (cluster.wait(job_id, out), job_id, out) for key, (job_id, out) in submitted.items()}
+    yield {"name": name, "results": results, "last_before_requeue": last_before_requeue,
+           "neuron_missing": neuron_missing}
+    for key in ("a", "b"):
+        _, job_id, out = results[key]
         shutil.rmtree(ROOT / "checkpoints" / f"{name}-{job_id}", ignore_errors=True)
         if "cached in" in out.read_text():
             shutil.rmtree(_cache_in(out), ignore_errors=True)
@@ -160,10 +204,12 @@ def one_node_runs(cluster, work):
         (ROOT / "checkpoints").rmdir()
 
 
-def test_one_node_jobs_at_once_each_on_its_own_data_and_save_folder(one_node_runs):
-    name, results = one_node_runs
+def test_one_node_jobs_at_once_each_on_its_own_data_and_save_folder(runs, work):
+    name, results = runs["name"], runs["results"]
     curves = {}
-    for corpus, (info, job_id, out, remote) in results.items():
+    for corpus in ("a", "b"):
+        info, job_id, out = results[corpus]
+        remote = work / f"data-{corpus}"
         assert info["JobState"] == "COMPLETED", f"job {job_id}: {info.get('Reason')}\n{_tail(out)}"
         # the default save folder is this job's own: a new sbatch never resumes an older run
         save_folder = ROOT / "checkpoints" / f"{name}-{job_id}"
@@ -178,7 +224,7 @@ def test_one_node_jobs_at_once_each_on_its_own_data_and_save_folder(one_node_run
         indexes = {p.read_text() for p in cache.rglob("index.json")}
         assert indexes == {(remote / "train" / "index.json").read_text()}, cache
         curves[corpus] = curve["loss"]
-    a, b = (results[c][0] for c in ("a", "b"))
+    a, b = results["a"][0], results["b"][0]
     assert a["NodeList"] != b["NodeList"]
     assert a["StartTime"] < b["EndTime"] and b["StartTime"] < a["EndTime"]  # side by side
     assert _cache_in(results["a"][2]) != _cache_in(results["b"][2])
@@ -186,55 +232,30 @@ def test_one_node_jobs_at_once_each_on_its_own_data_and_save_folder(one_node_run
     assert max(abs(x - y) for x, y in zip(curves["a"][1:], curves["b"][1:], strict=True)) > 0.05
 
 
-def test_two_nodes_requeued_mid_run_resume_the_curve(cluster, work, one_node_runs):
+def test_two_nodes_requeued_mid_run_resume_the_curve(runs, work):
     """2 nodes, one rank each: `scontrol requeue` once a checkpoint exists; the requeued job resumes
     from it and ends with the loss curve of the uninterrupted 1-node run on the same data."""
-    out, save_folder = work / "two-nodes.out", work / "ck-two-nodes"
-    job_id = cluster.sbatch("slurm.sh", str(work / "cfg.yaml"), nodes=2, out=out,
-                            SAVE_FOLDER=str(save_folder), DATA_REMOTE=str(work / "data-a"))
-    first = save_folder / f"ep0-ba{SAVE_EVERY}-rank0.pt"
-    deadline = time.monotonic() + 600
-    while not first.exists() and time.monotonic() < deadline:
-        assert cluster.job(job_id).get("JobState") in ("PENDING", "RUNNING"), _tail(out)
-        time.sleep(0.05)
-    assert first.exists(), _tail(out)
-    requeue = subprocess.run(["scontrol", "requeue", job_id], env=cluster.env, capture_output=True, text=True)
-    assert requeue.returncode == 0, requeue.stderr
-    # requeued before the end: the last checkpoint was not written yet
-    assert not (save_folder / f"ep0-ba{BATCHES}-rank0.pt").exists()
-    info = cluster.wait(job_id, out)
+    info, job_id, out = runs["results"]["requeue"]
+    save_folder = work / "ck-two-nodes"
+    assert not runs["last_before_requeue"]  # requeued before the end
     log = out.read_text()
     assert info["JobState"] == "COMPLETED", f"{info.get('Reason')}\n{_tail(out)}"
     assert info["Restarts"] == "1" and log.count("nodes=2 x 1 rank(s) on CPU") == 2, log[-3000:]
     curve = _curve(save_folder)
     assert curve["batch"] == list(range(1, BATCHES + 1))
-    reference = _curve(ROOT / "checkpoints" / f"{one_node_runs[0]}-{one_node_runs[1]['a'][1]}")
+    reference = _curve(ROOT / "checkpoints" / f"{runs['name']}-{runs['results']['a'][1]}")
     assert curve["loss"] == pytest.approx(reference["loss"], rel=1e-4, abs=1e-4)
     assert _checkpoints(save_folder) == LAST_TWO  # the ones from before the requeue pruned
 
 
-def _neuron_missing() -> str:
-    from neuron.runtime import missing_packages
-
-    missing = missing_packages()
-    return f"needs {' and '.join(missing)}: pip install -r neuron/requirements-cpu-test.txt" * bool(missing)
-
-
 @pytest.mark.parametrize("nodes", [1, 2])
-def test_neuron_slurm_trains_on_cpu(cluster, work, nodes):
+def test_neuron_slurm_trains_on_cpu(runs, work, nodes):
     """neuron/slurm.sh: one torchrun per node, one gloo rank each (NXD_CPU_MODE=1), the tiny model
     on the 128-token shards; data parallel over the nodes."""
-    reason = _neuron_missing()
-    if reason:
-        pytest.skip(reason)
-    out, ck = work / f"neuron-{nodes}.out", work / f"ck-neuron-{nodes}"
-    metrics = work / f"neuron-{nodes}.jsonl"
-    job_id = cluster.sbatch("neuron/slurm.sh", str(work / "cfg-neuron.yaml"), "--max-steps", "3",
-                            "--log-every", "1", "--checkpoint-every", "2", "--metrics-file", str(metrics),
-                            nodes=nodes, out=out, VENV=str(VENV), CORES_PER_NODE="1", NXD_CPU_MODE="1",
-                            DATA=str(work / "data-n"), CHECKPOINT_DIR=str(ck),
-                            COMPILE_CACHE=str(work / "neuron-cache"))
-    info = cluster.wait(job_id, out)
+    if runs["neuron_missing"]:
+        pytest.skip(runs["neuron_missing"])
+    info, job_id, out = runs["results"][f"neuron-{nodes}"]
+    metrics, ck = work / f"neuron-{nodes}.jsonl", work / f"ck-neuron-{nodes}"
     assert info["JobState"] == "COMPLETED", f"{info.get('Reason')}\n{_tail(out)}"
     assert f"world {nodes} (tp 1 x dp {nodes})" in out.read_text()
     steps = [json.loads(line) for line in metrics.read_text().splitlines()]
