@@ -111,6 +111,11 @@ def test_workers_end_with_a_killed_launcher_and_nxd_logs_to_a_file(tmp_path):
         workers = psutil.Process(launcher.pid).children()  # the ranks (their own helpers watch them)
         helpers = [c for w in workers for c in w.children(recursive=True)]
         assert workers
+        # what the run printed (after the kill, the dead worker's multiprocessing resource tracker may
+        # warn that it cleans up leaked shared memory: that is the kill, not the run's logging)
+        out.flush()
+        err.flush()
+        console = (tmp_path / "out.txt").read_text() + (tmp_path / "err.txt").read_text()
         os.kill(launcher.pid, signal.SIGKILL)
         launcher.wait(timeout=10)
         deadline = time.monotonic() + 10
@@ -126,7 +131,6 @@ def test_workers_end_with_a_killed_launcher_and_nxd_logs_to_a_file(tmp_path):
             launcher.kill()
         out.close()
         err.close()
-    console = (tmp_path / "out.txt").read_text() + (tmp_path / "err.txt").read_text()
     assert "neuron/train.py: cpu, world 1" in console and "step 2/100000" in console
     assert "neuronx_distributed" not in console and "Warning" not in console, console
     log = (tmp_path / "ck" / "logs" / "neuron-rank0.log").read_text()
