@@ -51,3 +51,14 @@ def pytest_collection_modifyitems(config, items):
         name = getattr(item, "originalname", item.name)
         if name in SLOW_TESTS.get(item.path.name, ()) or "cluster" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory):
+    """The bundled corpus prepared at seq_len 64 (2% validation), shared by the training tests."""
+    from data.prepare import prepare
+
+    out = tmp_path_factory.mktemp("data") / "corpus"
+    prepare(inputs=[str(ROOT / "data" / "corpus" / "tiny_corpus.jsonl")], output=str(out), seq_len=64,
+            val_ratio=0.02, progress=False)
+    return out

@@ -16,16 +16,6 @@ ROOT = Path(__file__).resolve().parents[1]
 COMPOSER = str(Path(sys.executable).parent / "composer")
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    from data.prepare import prepare
-
-    out = tmp_path_factory.mktemp("data") / "corpus"
-    prepare(inputs=[str(ROOT / "data" / "corpus" / "tiny_corpus.jsonl")], output=str(out), seq_len=64,
-            val_ratio=0.02, progress=False)
-    return out
-
-
 def write_config(tmp_path, shards, **over):
     cfg = {
         "run_name": "t",

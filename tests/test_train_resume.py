@@ -41,16 +41,6 @@ def test_prune_keeps_the_newest_and_what_latest_points_at(tmp_path):
     assert prune_checkpoints(str(tmp_path / "no"), keep=1) == []
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    from data.prepare import prepare
-
-    out = tmp_path_factory.mktemp("data") / "corpus"
-    prepare(inputs=[str(ROOT / "data" / "corpus" / "tiny_corpus.jsonl")], output=str(out), seq_len=64,
-            val_ratio=0.02, progress=False)
-    return out
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
