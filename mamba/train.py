@@ -557,6 +557,16 @@ def per_rank_triton_cache() -> None:
         os.environ["TRITON_CACHE_DIR"] = os.path.join(root, f"rank{os.environ.get('LOCAL_RANK', '0')}")
 
 
+def hide_torch_xla_from_composer() -> None:
+    """Composer imports torch_xla whenever it is installed (it is, beside neuron/), which doubles
+    its import time (~6 s of CPU per process here; bench/bench_startup.py). This recipe trains on
+    CPU or CUDA only (device: auto|cpu|gpu; XLA is neuron/'s), so the entrypoint hides torch_xla
+    from the process: Composer and the libraries it loads then see it as not installed. A process
+    that already imported torch_xla keeps it. Called by the command line entry only: main() called
+    in-process (tests, neuron users) leaves the process's imports alone."""
+    sys.modules.setdefault("torch_xla", None)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     per_rank_triton_cache()
@@ -587,4 +597,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    hide_torch_xla_from_composer()
     sys.exit(main())
