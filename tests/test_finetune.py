@@ -18,10 +18,10 @@ from mamba.train_config import load_yaml, parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "yamls" / "finetune").glob("*.yaml"))
-# A smaller model than the recipe's own base (runs/tiny/model) so that the test takes ~1 minute.
+# A smaller model than the recipe's own base (runs/tiny/model) so that the test takes ~40 s.
 MODEL = {"d_model": 64, "n_layer": 3, "layer_pattern": "MMM", "d_intermediate": 0,
          "ssm_cfg": {"d_state": 16, "headdim": 16, "chunk_size": 32}}
-STEPS = 300
+STEPS = 150  # with lr 1e-2: EM 25 (seed 3) and 28 (seed 4) on the held-out items; lr 8e-3 gave 19
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
@@ -74,7 +74,7 @@ def test_answer_only_finetune_raises_held_out_exact_match(tmp_path):
 
     overrides = [f"model.{k}={json.dumps(v) if isinstance(v, dict) else v}" for k, v in MODEL.items()]
     overrides += [f"model.init_from={base}", f"data.local={shards}", "data.eval_split=null",
-                  f"max_duration={STEPS}ba", "optimizer.lr=3e-3", "seed=3", "progress_bar=false",
+                  f"max_duration={STEPS}ba", "optimizer.lr=1e-2", "seed=3", "progress_bar=false",
                   "sample=null",
                   f"save_folder={tmp_path / 'ck'}", f"export_folder={tmp_path / 'tuned'}"]
     run([ROOT / "mamba" / "train.py", ROOT / "yamls" / "finetune" / "tiny_qa.yaml", *overrides], tmp_path)

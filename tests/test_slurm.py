@@ -117,11 +117,13 @@ def work(tmp_path_factory):
     cfg["data"].update(local=str(tmp / "data-a"), seq_len=64, global_batch_size=4, micro_batch_size=2,
                        eval_batch_size=4, eval_split=None, num_canonical_nodes=2)
     cfg["variables"].update(seq_len=64, run_name="unused")
-    cfg.update(max_duration=f"{BATCHES}ba", save_interval=f"{SAVE_EVERY}ba", export_folder=None,
+    cfg.update(max_duration=f"{BATCHES}ba", save_interval=f"{SAVE_EVERY}ba",
+               export_folder=str(tmp / "export" / "{run_name}"),  # jobs at once: one folder per run
                sample=None, progress_bar=False, loggers={})
     cfg["optimizer"]["lr"] = 1e-2
     cfg["scheduler"]["warmup"] = "1ba"
     (tmp / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    cfg["export_folder"] = None
     cfg["data"].update(local=str(tmp / "data-n1"), seq_len=128)  # neuron: a multiple of the 128 chunk
     cfg["variables"]["seq_len"] = 128
     (tmp / "cfg-neuron.yaml").write_text(yaml.safe_dump(cfg))
@@ -150,11 +152,12 @@ def _neuron_missing() -> str:
 
 @pytest.fixture(scope="module")
 def runs(cluster, work):
-    """Every training job of this file, submitted at the same moment and run side by side (slurm.conf.in
-    lets up to four jobs share a node), so that their start-ups and the requeue's wait overlap:
+    """Every training job of this file, run side by side (slurm.conf.in lets up to four jobs share a
+    node) so that start-ups and the requeue's wait overlap:
+    - a 2-node job, submitted first and alone, requeued (`scontrol requeue`) as soon as its first
+      checkpoint exists; the others are submitted then, and start while it waits to run again;
     - two 1-node jobs, one per node, with different DATA_REMOTE and every other knob left at its
       default (save folder, cache);
-    - a 2-node job, requeued (`scontrol requeue`) as soon as its first checkpoint exists;
     - neuron/slurm.sh on 1 and on 2 nodes (when the neuron packages are there)."""
     name = f"slurmtest{os.getpid()}"
     submitted = {}
@@ -163,6 +166,18 @@ def runs(cluster, work):
     submitted["requeue"] = (cluster.sbatch("slurm.sh", str(work / "cfg.yaml"), nodes=2, out=out,
                                            SAVE_FOLDER=str(save_folder), DATA_REMOTE=str(work / "data-a"),
                                            LOCAL_CACHE=str(work / "cache-two-nodes")), out)
+    job_id, out = submitted["requeue"]
+    first = save_folder / f"ep0-ba{SAVE_EVERY}-rank0.pt"
+    deadline = time.monotonic() + 600
+    while not first.exists() and time.monotonic() < deadline:
+        assert cluster.job(job_id).get("JobState") in ("PENDING", "RUNNING"), _tail(out)
+        time.sleep(0.05)
+    assert first.exists(), _tail(out)
+    requeue = subprocess.run(["scontrol", "requeue", job_id], env=cluster.env, capture_output=True, text=True)
+    assert requeue.returncode == 0, requeue.stderr
+    # requeued before the end: the last checkpoint was not written yet
+    last_before_requeue = (save_folder / f"ep0-ba{BATCHES}-rank0.pt").exists()
+
     for corpus, node in (("a", 0), ("b", 1)):
         out = work / f"one-node-{corpus}.out"
         job_id = cluster.sbatch("slurm.sh", str(work / "cfg.yaml"), nodes=1, out=out,
@@ -179,18 +194,6 @@ def runs(cluster, work):
             CHECKPOINT_DIR=str(work / f"ck-neuron-{nodes}"),
             COMPILE_CACHE=str(work / f"neuron-cache-{nodes}"))
         submitted[f"neuron-{nodes}"] = (job_id, out)
-
-    job_id, out = submitted["requeue"]
-    first = save_folder / f"ep0-ba{SAVE_EVERY}-rank0.pt"
-    deadline = time.monotonic() + 600
-    while not first.exists() and time.monotonic() < deadline:
-        assert cluster.job(job_id).get("JobState") in ("PENDING", "RUNNING"), _tail(out)
-        time.sleep(0.05)
-    assert first.exists(), _tail(out)
-    requeue = subprocess.run(["scontrol", "requeue", job_id], env=cluster.env, capture_output=True, text=True)
-    assert requeue.returncode == 0, requeue.stderr
-    # requeued before the end: the last checkpoint was not written yet
-    last_before_requeue = (save_folder / f"ep0-ba{BATCHES}-rank0.pt").exists()
 
     results = {key: (cluster.wait(job_id, out), job_id, out) for key, (job_id, out) in submitted.items()}
     yield {"name": name, "results": results, "last_before_requeue": last_before_requeue,
@@ -224,6 +227,8 @@ def test_one_node_jobs_at_once_each_on_its_own_data_and_save_folder(runs, work):
         indexes = {p.read_text() for p in cache.rglob("index.json")}
         assert indexes == {(remote / "train" / "index.json").read_text()}, cache
         curves[corpus] = curve["loss"]
+        # export_folder has {run_name}: jobs running at once each export their own model
+        assert (work / "export" / f"{name}-{job_id}" / "model.safetensors").is_file()
     a, b = results["a"][0], results["b"][0]
     assert a["NodeList"] != b["NodeList"]
     assert a["StartTime"] < b["EndTime"] and b["StartTime"] < a["EndTime"]  # side by side
@@ -246,6 +251,8 @@ def test_two_nodes_requeued_mid_run_resume_the_curve(runs, work):
     reference = _curve(ROOT / "checkpoints" / f"{runs['name']}-{runs['results']['a'][1]}")
     assert curve["loss"] == pytest.approx(reference["loss"], rel=1e-4, abs=1e-4)
     assert _checkpoints(save_folder) == LAST_TWO  # the ones from before the requeue pruned
+    assert re.search(r"removed old checkpoint .*ep0-ba4-rank0\.pt", log), log[-3000:]
+    assert (work / "export" / f"mamba-{job_id}" / "model.safetensors").is_file()
 
 
 @pytest.mark.parametrize("nodes", [1, 2])

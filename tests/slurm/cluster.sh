@@ -109,10 +109,14 @@ stop() {
       sleep 0.2
     done
   fi
+  # all four told at once (each takes 1-2 s to exit), then waited for; -9 after 5 s
+  local pids=()
   for f in "$RUN/${NODES[0]}/slurmd.pid:slurmd" "$RUN/${NODES[1]}/slurmd.pid:slurmd" \
            "$RUN/slurmctld.pid:slurmctld" "$RUN/munge/munged.pid:munged"; do
     pid=$(live_pid "${f%:*}" "${f##*:}") || continue
-    kill "$pid"
+    kill "$pid" && pids+=("$pid")
+  done
+  for pid in "${pids[@]}"; do
     for _ in $(seq 50); do kill -0 "$pid" 2> /dev/null || break; sleep 0.1; done
     kill -0 "$pid" 2> /dev/null && kill -9 "$pid"
   done
