@@ -4,9 +4,6 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat requirements.txt neuron/requirements-cpu-test.txt | cksum | cut -d' ' -f1)
 TESTS  ?= tests
-# Test files run in 2 worker processes (pytest-xdist), a file to a worker: module-scoped set-ups
-# (the local Slurm cluster, the reference training run) stay in one process. TEST_WORKERS=0: one process.
-TEST_WORKERS ?= 2
 
 .PHONY: setup demo test lint bench clean slurm-start slurm-stop slurm-status
 
@@ -33,7 +30,7 @@ demo: setup
 	$(BIN)/composer -n 1 mamba/train.py yamls/tiny.yaml
 
 test: setup
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(TESTS)
+	$(BIN)/python -m pytest -q $(TESTS)
 
 lint: setup
 	$(BIN)/ruff check kernels mamba data $(wildcard neuron) tests bench
