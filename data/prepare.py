@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import signal
 import sys
 import time
 from collections import deque
@@ -270,20 +271,45 @@ def _tokenize_all(chunks: Iterator[tuple[str, list[Record]]], tokenizer_spec: tu
     # notebook (spawn must re-import __main__). The pool starts before tqdm's monitor thread
     # and before the shard writers' threads, and the parent has not run the tokenizer yet.
     share_with_workers(tok)
-    context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
-    with context.Pool(num_proc, initializer=init_worker, initargs=tokenizer_spec) as pool, \
-            tqdm(unit=" docs", disable=not progress, file=sys.stderr, mininterval=1.0) as bar:
-        in_flight: deque[tuple[str, int, Any]] = deque()
-        for name, chunk in chunks:
-            in_flight.append((name, len(chunk), pool.apply_async(worker_tokenize_chunk, (chunk,))))
-            if len(in_flight) >= 2 * num_proc:
+    pool = tokenizer_pool(num_proc, tokenizer_spec)
+    finished = False
+    try:
+        with tqdm(unit=" docs", disable=not progress, file=sys.stderr, mininterval=1.0) as bar:
+            in_flight: deque[tuple[str, int, Any]] = deque()
+            for name, chunk in chunks:
+                in_flight.append((name, len(chunk), pool.apply_async(worker_tokenize_chunk, (chunk,))))
+                if len(in_flight) >= 2 * num_proc:
+                    done_name, count, result = in_flight.popleft()
+                    yield done_name, result.get()
+                    bar.update(count)
+            while in_flight:
                 done_name, count, result = in_flight.popleft()
                 yield done_name, result.get()
                 bar.update(count)
-        while in_flight:
-            done_name, count, result = in_flight.popleft()
-            yield done_name, result.get()
-            bar.update(count)
+        finished = True
+    finally:
+        if finished:  # the workers leave by themselves once the queue is closed: no signals
+            pool.close()
+        else:  # an error or an abandoned generator: stop them now
+            pool.terminate()
+        pool.join()
+
+
+def tokenizer_pool(num_proc: int, tokenizer_spec: tuple[str, str | None]) -> Any:
+    """The tokenizer workers: forked on Linux (the comment in _tokenize_all says why), each with
+    SIGTERM and SIGINT back at their default actions. A forked worker inherits the parent's Python
+    signal handlers, and Composer's (installed when composer.core is imported: a training, or a
+    test, in the same process) answers SIGTERM with sys.exit: Pool.terminate() then waited for
+    workers running Python cleanup, and a worker that died holding the task queue's lock left the
+    others blocked on it (a make test run hung 300 s in test_parallel_tokenization_and_val_input)."""
+    context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+    return context.Pool(num_proc, initializer=_init_tokenizer_worker, initargs=tokenizer_spec)
+
+
+def _init_tokenizer_worker(*tokenizer_spec: Any) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    init_worker(*tokenizer_spec)
 
 
 def build_parser() -> argparse.ArgumentParser:

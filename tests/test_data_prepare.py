@@ -169,6 +169,39 @@ def test_parallel_tokenization_and_val_input(tmp_path: Path) -> None:
         assert a["input_ids"].tolist() == b["input_ids"].tolist()
 
 
+# The parent answers SIGTERM in Python without exiting (as Composer's handler runs Python code, here
+# long): the tokenizer workers it forks must still die at once on SIGTERM, as Pool.terminate() sends.
+SLOW_SIGTERM_PARENT = """
+import multiprocessing, os, signal, sys, time
+from data.prepare import tokenizer_pool
+signal.signal(signal.SIGTERM, lambda *a: time.sleep(3600))
+both = multiprocessing.get_context("fork").Barrier(3)  # inherited by the forked workers
+
+def ready(_):
+    both.wait(timeout=60)  # each worker holds one task: both have run their initializer
+    return os.getpid()
+
+pool = tokenizer_pool(2, ("byte", None))
+started = pool.map_async(ready, [0, 1], chunksize=1)
+both.wait(timeout=60)
+started.get(timeout=60)
+workers = list(pool._pool)  # the pool replaces workers that die: keep these
+for p in workers:
+    os.kill(p.pid, signal.SIGTERM)
+deadline = time.monotonic() + 20
+while time.monotonic() < deadline and any(p.exitcode is None for p in workers):
+    time.sleep(0.05)
+print("exitcodes", [p.exitcode for p in workers], flush=True)
+os.killpg(0, signal.SIGKILL)  # this process and every worker (the test starts it in its own group)
+"""
+
+
+def test_tokenizer_workers_die_on_sigterm_whatever_the_parent_installed() -> None:
+    proc = subprocess.run([sys.executable, "-c", SLOW_SIGTERM_PARENT], cwd=REPO, capture_output=True,
+                          text=True, timeout=120, start_new_session=True)
+    assert "exitcodes [-15, -15]" in proc.stdout, proc.stdout + proc.stderr[-2000:]
+
+
 def make_word_tokenizer(folder: Path, num_words: int) -> Path:
     """A word-level HF tokenizer ("w0" .. "w{n-1}" plus <unk>, <pad>, </s>), built offline."""
     from tokenizers import Tokenizer, models, pre_tokenizers
