@@ -299,9 +299,10 @@ def tokenizer_pool(num_proc: int, tokenizer_spec: tuple[str, str | None]) -> Any
     """The tokenizer workers: forked on Linux (the comment in _tokenize_all says why), each with
     SIGTERM and SIGINT back at their default actions. A forked worker inherits the parent's Python
     signal handlers, and Composer's (installed when composer.core is imported: a training, or a
-    test, in the same process) answers SIGTERM with sys.exit: Pool.terminate() then waited for
-    workers running Python cleanup, and a worker that died holding the task queue's lock left the
-    others blocked on it (a make test run hung 300 s in test_parallel_tokenization_and_val_input)."""
+    test, in the same process) answers SIGTERM with sys.exit, i.e. with Python code. Seen in a
+    make test run: Pool.terminate() waited 300 s (test_parallel_tokenization_and_val_input) on a
+    worker blocked on the task queue's lock while its sibling was already dead. With the default
+    action a worker dies at the signal, wherever it is."""
     context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
     return context.Pool(num_proc, initializer=_init_tokenizer_worker, initargs=tokenizer_spec)
 
