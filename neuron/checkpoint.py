@@ -20,7 +20,7 @@ from mamba.interop.neuron import (  # noqa: F401 - re-exported: neuron/'s caller
     read_user_content,
     tag_of,
 )
-from neuron.runtime import CPU, barrier, import_nxd, mode
+from neuron.runtime import CPU, barrier, import_nxd, mark_step, mode
 
 
 @contextlib.contextmanager
@@ -75,6 +75,11 @@ def load(checkpoint_dir: str, tag: str, model, optimizer) -> dict:
         content = nxd.load_checkpoint(checkpoint_dir, tag=tag, model=model, optimizer=state)
     if not nxd_zero1:
         _local_optimizer(optimizer).load_state_dict(state)
+    # The first step after a resume must be the same XLA graph as every other step, or it is compiled
+    # anew at each resume (--compile-cache cannot serve it): NxD's ZeRO-1 load leaves a zero gradient
+    # on every parameter (a step starts with none), and what loading left pending runs here, apart.
+    model.zero_grad(set_to_none=True)
+    mark_step()
     if not isinstance(content, dict):
         where = os.path.join(checkpoint_dir, tag)
         raise ValueError(f"{where}: no user_content.pt (not written by neuron/train.py)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +58,7 @@ class Settings:
     activation_checkpointing: bool
     log_every: int
     metrics_file: str | None
+    compile_cache: str | None  # compiled graphs kept here for the next run (runtime.use_compile_cache)
     unused_keys: list[str]  # YAML keys of the Composer launcher that mean nothing here (named at start)
     resume_tag: str | None = None  # step_N to resume from (check_resume)
 
@@ -93,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-from", help="start from a native (save_pretrained / converted) folder")
     p.add_argument("--log-every", type=int, help="steps between log lines (default console_log_interval)")
     p.add_argument("--metrics-file", help="append one JSON line per logged step here")
+    p.add_argument("--compile-cache", metavar="DIR",
+                   help="keep compiled graphs in DIR and reuse them in later runs (XLA:CPU: torch-xla's "
+                        "persistent cache; Trainium: neuronx-cc's --cache_dir)")
     p.add_argument("--sequence-parallel", action="store_true",
                    help="not supported: Mamba mixers scan the whole sequence on each rank")
     return p
@@ -135,6 +140,19 @@ def _check_init_from(folder: str, model: MambaConfig) -> None:
 
 
 PRECISION_DTYPES = {"fp32": "float32", "amp_bf16": "bfloat16"}
+
+
+def _compile_cache(folder: str | None) -> str | None:
+    if folder is None:
+        return None
+    if not folder or (os.path.exists(folder) and not os.path.isdir(folder)):
+        raise ConfigError(f"--compile-cache {folder!r}: not a folder; give a folder (made if missing)")
+    flags = os.environ.get("NEURON_CC_FLAGS", "")
+    given = re.search(r"--cache_dir[= ](\S+)", flags)
+    if given and os.path.abspath(given.group(1)) != os.path.abspath(folder):
+        raise ConfigError(f"--compile-cache {folder} but NEURON_CC_FLAGS has --cache_dir={given.group(1)}: "
+                          f"give one of them")
+    return os.path.abspath(folder)
 
 
 def _dtype(args, cfg: TrainConfig) -> str:
@@ -232,7 +250,8 @@ def parse_settings(argv: list[str], world_size: int | None = 1) -> Settings:
         activation_checkpointing=cfg.model.activation_checkpointing,
         log_every=args.log_every or max(1, _steps(cfg.console_log_interval, "console_log_interval",
                                                   max_steps)),
-        metrics_file=args.metrics_file, unused_keys=unused_keys)
+        metrics_file=args.metrics_file, compile_cache=_compile_cache(args.compile_cache),
+        unused_keys=unused_keys)
 
 
 def check_resume(s: Settings) -> str | None:

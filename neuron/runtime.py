@@ -180,6 +180,25 @@ def init_distributed(tp: int, timeout_s: float | None = None) -> World:
                  ps.get_data_parallel_rank(), device)
 
 
+def use_compile_cache(folder: str) -> None:
+    """Compiled graphs are kept in `folder` and reused by later runs with the same graphs (a resumed
+    or repeated run skips its compiles). XLA:CPU: torch-xla's persistent cache (one process, so one
+    writer); Trainium: neuronx-cc's --cache_dir (as NEURON_CC_FLAGS); NXD_CPU_MODE compiles nothing.
+    Call before the first XLA computation."""
+    run_mode = mode()
+    if run_mode == CPU:
+        return
+    os.makedirs(folder, exist_ok=True)
+    if run_mode == NEURON:
+        flags = os.environ.get("NEURON_CC_FLAGS", "")
+        if "--cache_dir" not in flags:
+            os.environ["NEURON_CC_FLAGS"] = f"{flags} --cache_dir={folder}".strip()
+        return
+    import torch_xla.runtime as xr
+
+    xr.initialize_cache(folder, readonly=False)
+
+
 def _free_port() -> int:
     import socket
 

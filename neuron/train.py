@@ -102,10 +102,12 @@ def run(s: Settings) -> dict:
     from data.dataset import build_dataloader
     from mamba.model.flops import training_flops
     from neuron import checkpoint
-    from neuron.runtime import NEURON, init_distributed, log_to_file, mode
+    from neuron.runtime import NEURON, init_distributed, log_to_file, mode, use_compile_cache
     from neuron.trainer import build_model, build_optimizer, lr_at, step_loss, train_step
 
     log_to_file(log_file(s))
+    if s.compile_cache:
+        use_compile_cache(s.compile_cache)
     world = init_distributed(s.tp, s.dist_timeout)
     main = world.rank == 0
     if main and s.unused_keys:

@@ -98,8 +98,9 @@ def test_tiny_default_trains_checkpoints_and_resumes_bit_identically(tmp_path):
     _needs_nxd()
     from neuron.checkpoint import read_neuron_checkpoint
 
+    cache = tmp_path / "xla-cache"  # compiled by the first run, reused by the resumed one
     common = ["--max-steps", "4", "--micro-batch", "2", "--grad-accum", "2", "--log-every", "1",
-              "--checkpoint-every", "1", "--zero1"]
+              "--checkpoint-every", "1", "--zero1", "--compile-cache", str(cache)]
     run_a = tmp_path / "a"
     run_a.mkdir()
     proc = subprocess.run([sys.executable, TRAIN, *common, "--metrics-file", "m.jsonl"], cwd=run_a,
@@ -118,17 +119,25 @@ def test_tiny_default_trains_checkpoints_and_resumes_bit_identically(tmp_path):
     # keep-last 2 (yamls/tiny.yaml's save_num_checkpoints_to_keep) of step_1 .. step_4
     assert sorted(p.name for p in ckpts.iterdir() if p.name.startswith("step_")) == ["step_3", "step_4"]
 
+    assert any(cache.iterdir()), "nothing in the compile cache"
+
     # The state on disk of a run killed after its step-3 checkpoint; --resume finishes it.
     run_b = tmp_path / "b"
     shutil.copytree(run_a / "runs", run_b / "runs")
     shutil.rmtree(run_b / "runs" / "tiny" / "neuron-checkpoints" / "step_4")
     proc = subprocess.run([sys.executable, TRAIN, *common, "--resume", "--metrics-file", "m.jsonl"],
-                          cwd=run_b, env=_env(), capture_output=True, text=True, timeout=380)
+                          cwd=run_b, env=dict(_env(), PT_XLA_DEBUG_LEVEL="1"),  # torch-xla: why each compile
+                          capture_output=True, text=True, timeout=380)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "at step 3" in proc.stdout
     resumed = _metrics(run_b / "m.jsonl")
     assert [m["step"] for m in resumed] == [4]
     assert [m["loss"] for m in resumed] == losses[3:]  # same data in the same order, same weights
+    # the resumed run compiled only what loading a checkpoint runs; its steps came from the cache
+    compiles = proc.stderr.split("Compilation Cause")[1:]
+    assert compiles and all("load_checkpoint (" in c.split("Post Compilation")[0] for c in compiles), \
+        proc.stderr[-4000:]
+    assert "train_step (" not in proc.stderr, proc.stderr[-4000:]
     config_a, final_a = read_neuron_checkpoint(ckpts)
     _, final_b = read_neuron_checkpoint(run_b / "runs" / "tiny" / "neuron-checkpoints" / "step_4")
     assert config_a.layer_pattern == "MM*M-"
@@ -170,6 +179,7 @@ def test_zero1_steps_equal_adamw_steps(tmp_path):
     (["--data", "/nonexistent/shards"], "--data /nonexistent/shards"),
     (["--init-from", "/nonexistent/model"], "no config.json there"),
     (["/nonexistent.yaml"], "config file '/nonexistent.yaml' not found"),
+    (["--compile-cache", __file__], "not a folder; give a folder (made if missing)"),
 ])
 def test_bad_flags_exit_2_with_one_line(argv, message, capsys, tmp_path, monkeypatch):
     from neuron.train import main
@@ -180,6 +190,29 @@ def test_bad_flags_exit_2_with_one_line(argv, message, capsys, tmp_path, monkeyp
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and message in err, err
     assert not (tmp_path / "runs").exists()  # nothing written
+
+
+def test_compile_cache_and_neuron_cc_flags_naming_two_folders_is_refused(capsys, tmp_path, monkeypatch):
+    from neuron.train import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("NEURON_CC_FLAGS", "--model-type transformer --cache_dir=/fsx/cache")
+    assert main(["--compile-cache", "here"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--compile-cache here but NEURON_CC_FLAGS has --cache_dir=/fsx/cache: give one of them" in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_compile_cache_on_neuron_goes_to_neuron_cc_flags(monkeypatch, tmp_path):
+    from neuron import runtime
+
+    monkeypatch.setenv("PJRT_DEVICE", "NEURON")  # what the Neuron SDK's venv sets
+    monkeypatch.delenv("NXD_CPU_MODE", raising=False)
+    assert runtime.mode() == runtime.NEURON
+    monkeypatch.setenv("NEURON_CC_FLAGS", "--model-type transformer")
+    runtime.use_compile_cache(str(tmp_path / "cc"))
+    assert os.environ["NEURON_CC_FLAGS"] == f"--model-type transformer --cache_dir={tmp_path / 'cc'}"
+    assert (tmp_path / "cc").is_dir()
 
 
 def test_tp_the_model_cannot_take_is_refused(capsys, tmp_path, monkeypatch):
