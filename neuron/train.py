@@ -20,6 +20,10 @@ from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script (python neuron/train.py, torchrun neuron/train.py)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# torch-xla imports torch._inductor, which (with triton installed) starts a pool of compile-worker
+# processes in every rank at import; XLA never uses them. Before torch is imported; a user's
+# TORCH_WARM_POOL=1 wins.
+os.environ.setdefault("TORCH_WARM_POOL", "0")
 
 
 from mamba.strict import ConfigError  # noqa: E402

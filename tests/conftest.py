@@ -2,8 +2,14 @@ import os
 import sys
 from pathlib import Path
 
-import pytest
-import torch
+# Every process that imports torch._inductor (torch-xla does, so the neuron processes and, in this
+# venv, each `composer` launcher) starts Inductor's pool of compile workers at import, each a fresh
+# Python that imports torch: ~4 s of CPU per pool, 25 pools in a run of this suite, and nothing here
+# compiles with Inductor (a pool is still made on first use). Set before torch; children inherit it.
+os.environ.setdefault("TORCH_WARM_POOL", "0")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
