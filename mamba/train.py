@@ -443,6 +443,7 @@ def train(cfg: TrainConfig, derived: dict):
         resumed_from = latest_checkpoint(cfg)
         if resumed_from:
             load_path, load_weights_only = resumed_from, False
+    name_the_cpu_for_composer()
     trainer = Trainer(
         run_name=cfg.run_name, model=model, train_dataloader=train_dl,
         eval_dataloader=evaluator, eval_interval=cfg.eval_interval if evaluator else 1,
@@ -555,6 +556,29 @@ def per_rank_triton_cache() -> None:
     root = os.environ.get("TRITON_CACHE_ROOT")
     if root and "TRITON_CACHE_DIR" not in os.environ:
         os.environ["TRITON_CACHE_DIR"] = os.path.join(root, f"rank{os.environ.get('LOCAL_RANK', '0')}")
+
+
+def name_the_cpu_for_composer() -> None:
+    """Composer's Trainer names the CPU model in its environment report through py-cpuinfo, which
+    answers by starting a new Python process (~1.5 s of CPU in every rank at start-up). On Linux,
+    /proc/cpuinfo names it at once: Composer's cached query (collect_env.get_cpu_model) is answered
+    from there. Elsewhere, or without a "model name" line, Composer asks py-cpuinfo as before."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            brand = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        return
+    if not brand:
+        return
+    import cpuinfo
+    from composer.utils import collect_env
+
+    ask = cpuinfo.get_cpu_info
+    cpuinfo.get_cpu_info = lambda: {"brand_raw": brand}
+    try:
+        collect_env.get_cpu_model()  # lru_cache'd: the Trainer's call gets this answer
+    finally:
+        cpuinfo.get_cpu_info = ask
 
 
 def hide_torch_xla_from_composer() -> None:

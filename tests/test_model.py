@@ -53,7 +53,9 @@ def test_mamba2_matches_transformers_at_mamba2_130m_shape():
                                         ssm_cfg={"layer": "Mamba2"},
                                         pad_vocab_size_multiple=16)).eval()
     ours.load_state_dict(from_hf_names(hf.state_dict()), strict=True)
-    ids = torch.randint(0, 50277, (2, 300))  # longer than one 256-token chunk
+    # one row longer than one 256-token chunk (two rows took transformers 5x as long; rows are
+    # independent, and the tiny-model tests compare batches of several rows)
+    ids = torch.randint(0, 50277, (1, 300))
     with torch.no_grad():
         assert rel_err(ours(ids), hf(ids).logits) <= 1e-4
 

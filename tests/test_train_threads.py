@@ -91,3 +91,29 @@ def test_large_frees_go_back_to_the_os_only_for_large_models(monkeypatch):
     assert mmap_frees_wanted(1_000_000)
     monkeypatch.setenv("MAMBA_CPU_MMAP_FREES", "0")
     assert not mmap_frees_wanted(10**9)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/cpuinfo"), reason="Linux's /proc/cpuinfo")
+def test_composers_cpu_model_query_is_answered_without_a_py_cpuinfo_process(monkeypatch):
+    """Composer's Trainer asks py-cpuinfo for the CPU model, which starts a new Python process in
+    every rank; the recipe answers Composer's cached query from /proc/cpuinfo first."""
+    import cpuinfo
+    from composer.utils import collect_env
+
+    from mamba.train import name_the_cpu_for_composer
+
+    with open("/proc/cpuinfo") as f:
+        names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    if not names:
+        pytest.skip("no model name in /proc/cpuinfo: Composer asks py-cpuinfo, as before")
+    collect_env.get_cpu_model.cache_clear()  # a Trainer built earlier in this process filled it
+
+    def no_process():
+        raise AssertionError("py-cpuinfo was asked (it starts a Python process)")
+
+    try:
+        name_the_cpu_for_composer()
+        monkeypatch.setattr(cpuinfo, "get_cpu_info", no_process)
+        assert collect_env.get_cpu_model() == names[0]
+    finally:
+        collect_env.get_cpu_model.cache_clear()
