@@ -622,4 +622,12 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     hide_torch_xla_from_composer()
-    sys.exit(main())
+    code = main()
+    # The interpreter's last garbage collection at exit walks every object torch, Composer and the
+    # libraries made (~1.6 s of CPU per rank here); frozen, they go with the process. atexit handlers
+    # (Composer's close, streaming's shared-memory cleanup) still run; only cyclic garbage is not
+    # collected.
+    import gc
+
+    gc.freeze()
+    sys.exit(code)
