@@ -132,7 +132,15 @@ def one_process(shards, tmp_path_factory):
     return one
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+# Under a real Slurm (CI), tests/test_slurm.py's 2-node job (DDP over 2 ranks) must end on the loss
+# curve of the 1-node job, and the fsdp2 case below covers `composer -n 2` on one node (2 local ranks
+# sharing streaming's memory, one process group each): the ddp case is not run twice there.
+DDP = pytest.param("ddp", marks=pytest.mark.skipif(
+    os.environ.get("MAMBA_REQUIRE_SLURM") == "1",
+    reason="DDP over 2 ranks checked under a real Slurm by tests/test_slurm.py (MAMBA_REQUIRE_SLURM=1)"))
+
+
+@pytest.mark.parametrize("mode", [DDP, "fsdp2"])
 def test_two_ranks_match_one_process(shards, one_process, tmp_path, mode):
     """Also: one process group per rank for the whole run (the datasets are built inside it; streaming
     made and destroyed its own per dataset, racing on the rendezvous), and an fsdp section on CPU
