@@ -5,7 +5,7 @@
 
 For the length of the command, a .pth file in this venv's site-packages makes each Python process
 of the venv record, when it exits normally, its argv, its own CPU time (user + sys, children not
-included), its parent and which heavy packages it had imported (torch_xla, composer, ...). Processes
+included) and which heavy packages it had imported (torch_xla, composer, ...). Processes
 killed by a signal or ended with os._exit record nothing. The .pth file is removed afterwards, also
 after Ctrl-C. Only processes of this venv's interpreter are seen (tests pass it on via sys.executable).
 How the numbers in BENCHMARKS.md's test-suite section were found (Inductor's compile-worker pools,
@@ -25,8 +25,8 @@ from pathlib import Path
 
 HOOK = '''import os
 if os.environ.get("MAMBA_CPU_AUDIT_DIR"):
-    import atexit, json, resource, sys, time
-    _audit_pid, _audit_start = os.getpid(), time.time()
+    import atexit, json, resource, sys
+    _audit_pid = os.getpid()
 
     def _audit_dump():
         if os.getpid() != _audit_pid:  # a forked child inherits the handler: it is not this process
@@ -34,8 +34,7 @@ if os.environ.get("MAMBA_CPU_AUDIT_DIR"):
         r = resource.getrusage(resource.RUSAGE_SELF)
         heavy = [m for m in ("torch_xla", "neuronx_distributed", "composer", "transformers", "triton",
                              "streaming") if sys.modules.get(m) is not None]
-        record = {"argv": sys.argv[:4], "cpu": r.ru_utime + r.ru_stime, "wall": time.time() - _audit_start,
-                  "ppid": os.getppid(), "imported": heavy}
+        record = {"argv": sys.argv[:4], "cpu": r.ru_utime + r.ru_stime, "imported": heavy}
         with open(os.path.join(os.environ["MAMBA_CPU_AUDIT_DIR"], f"{_audit_pid}.json"), "w") as f:
             json.dump(record, f)
 

@@ -38,10 +38,9 @@ mkdir -p "$CHECKPOINT_DIR" "$COMPILE_CACHE"
 NNODES=${SLURM_NNODES:-1}
 MASTER_ADDR=$(scontrol show hostnames "${SLURM_JOB_NODELIST:-localhost}" | head -n 1)
 export FI_PROVIDER=efa FI_EFA_USE_DEVICE_RDMA=1 FI_EFA_FORK_SAFE=1   # EFA between instances
-export NEURON_CC_FLAGS="${NEURON_CC_FLAGS:-} --cache_dir=$COMPILE_CACHE"
 export MALLOC_ARENA_MAX=${MALLOC_ARENA_MAX:-64}
 
-ARGS=(--data "$DATA" --checkpoint-dir "$CHECKPOINT_DIR")
+ARGS=(--data "$DATA" --checkpoint-dir "$CHECKPOINT_DIR" --compile-cache "$COMPILE_CACHE")  # neuronx-cc's --cache_dir
 if compgen -G "$CHECKPOINT_DIR/step_*/done" > /dev/null; then
   ARGS+=(--resume)
 fi
